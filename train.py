@@ -29,7 +29,7 @@ from arxiv_ft import config as cfglib
 from arxiv_ft import records as rec
 from arxiv_ft.config import option
 from arxiv_ft.data import BatchPlan, PromptBuilder, collate_left_padded, tokenize_records
-from arxiv_ft.loss import model_loss_sum, target_token_count
+from arxiv_ft.loss import AnswerLoss, loss_scale, target_token_count
 from arxiv_ft.metrics import classification_metrics, format_report, training_flops_per_token
 from arxiv_ft.modeling import (
     LLAMA_LINEAR_MODULES,
@@ -65,7 +65,7 @@ class TrainConfig:
     )
     eval_file: str = option(str(ASSETS / "cs-validation-sample.jsonl"), "validation records")
     labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
-    train_per_class: int = option(24, "use at most this many training papers per class (0 = all)")
+    train_per_class: int = option(30, "use at most this many training papers per class (0 = all)")
     eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
     template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)")
     max_seq_tokens: int = option(192, "prompt + answer token budget; the abstract is shortened to fit")
@@ -80,6 +80,7 @@ class TrainConfig:
     lr_schedule: str = option("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
+    share_prefix: bool = option(True, "run the prompt prefix all examples share once per micro-batch")
     seed: int = option(0, "seed for data order, LoRA init and dropout")
     # evaluation and output
     eval_before: bool = option(True, "evaluate the base model first (the zero-shot baseline)")
@@ -127,13 +128,25 @@ def main(cfg: TrainConfig) -> dict:
 
     world = accelerator.num_processes
     plan = BatchPlan(
-        examples, cfg.batch_size * world, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps, cfg.seed, cfg.group_by_length
+        examples,
+        cfg.batch_size * world * cfg.grad_accum_steps,
+        cfg.grad_accum_steps,
+        cfg.epochs,
+        cfg.max_steps,
+        cfg.seed,
+        cfg.group_by_length,
     )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     scheduler = get_scheduler(cfg.lr_schedule, optimizer, math.ceil(cfg.warmup_ratio * plan.steps), plan.steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # Run the system turn every prompt shares once per micro-batch instead of once per example.
+    prefix = builder.shared_prefix_ids() if cfg.share_prefix else []
+    if any(ex.prompt_ids[: len(prefix)] != prefix for ex in examples):
+        say("not every prompt starts with the shared prefix: prefix sharing off")
+        prefix = []
+    train_model, optimizer = accelerator.prepare(AnswerLoss(model, prefix), optimizer)
+    model = accelerator.unwrap_model(train_model).model
 
     metrics: dict = {"labels": labels, "n_train_examples": len(examples), "tokenize": vars(tok_stats)}
     if cfg.eval_before:
@@ -145,24 +158,27 @@ def main(cfg: TrainConfig) -> dict:
     train_started = time.perf_counter()
     progress = tqdm(total=plan.steps, disable=not accelerator.is_local_main_process, desc="train")
     for step in range(plan.steps):
-        window = [plan.micro_batch(step * cfg.grad_accum_steps + i) for i in range(cfg.grad_accum_steps)]
-        mine = [collate_left_padded(ex[accelerator.process_index :: world], tokenizer.pad_token_id) for ex in window]
+        window = plan.step_batches(step)
+        mine = [
+            collate_left_padded(ex[accelerator.process_index :: world], tokenizer.pad_token_id, len(prefix))
+            for ex in window
+        ]
         # Normalise by the step's target tokens over all micro-batches and processes (torchtune's rule), so
         # batch 8 and 4 x 2 accumulation, or 1 and 2 processes, give the same gradient.
         step_targets = sum(target_token_count(collate_left_padded(ex, 0)["labels"]) for ex in window)
         step_loss = 0.0
         for batch in mine:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                loss_sum = model_loss_sum(model, batch)
-                # accelerate divides by grad_accum_steps and DDP averages over processes: undo both.
-                accelerator.backward(loss_sum * (world * cfg.grad_accum_steps / step_targets))
+            with accelerator.accumulate(train_model):
+                loss_sum = train_model(**batch)
+                accelerator.backward(loss_sum * loss_scale(step_targets, world, cfg.grad_accum_steps))
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(train_model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += float(loss_sum)
-            tokens_seen += int(batch["attention_mask"].sum())
+            step_loss += float(loss_sum.detach())
+        # Real tokens of the examples (shared prefix included, padding not): what a plain loop would process.
+        tokens_seen += sum(len(e.input_ids) for ex in window for e in ex[accelerator.process_index :: world])
         scheduler.step()
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / step_targets
         target_tokens_seen += step_targets
@@ -178,7 +194,7 @@ def main(cfg: TrainConfig) -> dict:
     metrics["after"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "fine-tuned")
     metrics["train"] = {
         "steps": plan.steps,
-        "epochs": plan.steps * plan.examples_per_step / len(examples),
+        "epochs": plan.steps * plan.step_size / len(examples),
         "loss_curve": losses,
         "tokens_seen": tokens_seen,
         "target_tokens_seen": target_tokens_seen,
@@ -195,7 +211,7 @@ def main(cfg: TrainConfig) -> dict:
         "parameter_bytes": parameter_bytes(accelerator.unwrap_model(model)),
         "peak_memory_bytes": _peak_memory(accelerator.device),
     }
-    out = save_output(accelerator, model, tokenizer, cfg, labels, metrics)
+    out = save_output(accelerator, train_model, tokenizer, cfg, labels, metrics)
     if accelerator.is_main_process:
         say(f"saved to {out}")
     return metrics

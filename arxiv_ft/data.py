@@ -108,6 +108,16 @@ class PromptBuilder:
             excess = len(ids) - self.max_prompt_tokens
         return ids, abstract
 
+    def shared_prefix_ids(self) -> list[int]:
+        """The tokens every prompt starts with (the rendered system turn), found by rendering two papers."""
+        a = self.prompt_ids(Record("a", "Alpha", "One.", (self.labels[0],)))
+        b = self.prompt_ids(Record("b", "Zeta", "Two.", (self.labels[0],)))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        # Keep one token back: a token boundary can merge differently where the texts start to differ.
+        return a[: max(n - 1, 0)]
+
     def prompt_ids(self, record: Record) -> list[int] | None:
         """Prompt ids for scoring a record (the same ids its training example starts with)."""
         fitted = self.fit_prompt(record)
@@ -143,72 +153,78 @@ def tokenize_records(builder: PromptBuilder, records: list[Record]) -> tuple[lis
     return examples, stats
 
 
-def collate_left_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_left_padded(examples: list[Example], pad_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Left-pad so every row's target ends at the last column: the loss then needs only the last few logits.
 
     Position ids count real tokens only, so a left-padded row computes exactly what it computes alone.
+    `skip_prefix` drops that many leading tokens every example shares (see loss.AnswerLoss).
     """
-    width = max(len(ex.input_ids) for ex in examples)
+    rows = [(ex.input_ids[skip_prefix:], ex.labels[skip_prefix:]) for ex in examples]
+    width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[row, width - n :] = torch.tensor(ex.input_ids)
-        labels[row, width - n :] = torch.tensor(ex.labels)
+    for row, (ids, row_labels) in enumerate(rows):
+        n = len(ids)
+        input_ids[row, width - n :] = torch.tensor(ids)
+        labels[row, width - n :] = torch.tensor(row_labels)
         attention_mask[row, width - n :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
 
 class BatchPlan:
-    """Which examples form global micro-batch k, for any k: a pure function of (examples, seed, k).
+    """Which examples each optimizer step uses: a pure function of (examples, seed, step).
 
-    Each epoch is a seeded permutation; with `group_by_length`, chunks of 16 micro-batches are sorted by length
-    before being cut, so a micro-batch pads little while the order stays random. The last partial micro-batch of
-    an epoch is dropped, so every optimizer step sees the same number of examples. Because the plan is global,
-    a run on W processes (each taking rows p::W of every micro-batch) sees exactly the single-process batches,
-    and resuming at step s only needs s.
+    A step takes `step_size` examples (micro-batch x processes x accumulation steps) from a seeded per-epoch
+    permutation; the last partial step of an epoch is dropped. With `group_by_length`, chunks of 16 steps are
+    sorted by length before being cut, so a batch pads little while the order stays random. The step's examples
+    are cut into `grad_accum_steps` micro-batches, and process p takes rows p::world of each. So the same
+    global batch is seen whatever the split into processes and accumulation, and resuming needs only the step.
     """
 
     def __init__(
         self,
         examples: list[Example],
-        micro_batch: int,
+        step_size: int,
         grad_accum_steps: int,
         epochs: float,
         max_steps: int,
         seed: int,
         group_by_length: bool,
     ):
+        if step_size % grad_accum_steps:
+            raise ValueError(f"step size {step_size} is not a multiple of grad_accum_steps {grad_accum_steps}")
         self.examples = examples
-        self.size = micro_batch
+        self.step_size = step_size
+        self.grad_accum_steps = grad_accum_steps
         self.seed = seed
         self.group_by_length = group_by_length
-        self.per_epoch = len(examples) // micro_batch
-        if self.per_epoch == 0:
-            raise ValueError(f"{len(examples)} examples are fewer than one global micro-batch of {micro_batch}")
-        self.steps = max_steps if max_steps > 0 else max(1, int(epochs * self.per_epoch) // grad_accum_steps)
-        self.examples_per_step = micro_batch * grad_accum_steps
+        self.steps_per_epoch = len(examples) // step_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(examples)} examples are fewer than one optimizer step's {step_size}")
+        self.steps = max_steps if max_steps > 0 else max(1, round(epochs * self.steps_per_epoch))
         self._epoch, self._batches = -1, []
 
     def _plan_epoch(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.examples), generator=g).tolist()[: self.per_epoch * self.size]
+        order = torch.randperm(len(self.examples), generator=g).tolist()[: self.steps_per_epoch * self.step_size]
+        length = lambda i: len(self.examples[i].input_ids)  # noqa: E731
         if self.group_by_length:
-            chunk = 16 * self.size
+            chunk = 16 * self.step_size
             order = [
-                i
-                for start in range(0, len(order), chunk)
-                for i in sorted(order[start : start + chunk], key=lambda i: len(self.examples[i].input_ids))
+                i for start in range(0, len(order), chunk) for i in sorted(order[start : start + chunk], key=length)
             ]
-        batches = [order[i : i + self.size] for i in range(0, len(order), self.size)]
-        if self.group_by_length:  # so long and short batches alternate instead of following the chunk order
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        batches = [order[i : i + self.step_size] for i in range(0, len(order), self.step_size)]
+        if self.group_by_length:  # long and short steps alternate instead of following the chunk order
+            batches = [sorted(batches[i], key=length) for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
-    def micro_batch(self, k: int) -> list[Example]:
-        epoch, index = divmod(k, self.per_epoch)
+    def step_batches(self, step: int) -> list[list[Example]]:
+        """The step's micro-batches (all processes' rows), `grad_accum_steps` of them."""
+        epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self._plan_epoch(epoch)
-        return [self.examples[i] for i in self._batches[index]]
+        examples = [self.examples[i] for i in self._batches[index]]
+        size = self.step_size // self.grad_accum_steps
+        return [examples[i : i + size] for i in range(0, len(examples), size)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
 
 from arxiv_ft.data import IGNORE_INDEX
 
@@ -26,6 +27,15 @@ def target_token_count(labels: torch.Tensor) -> int:
     return int((labels != IGNORE_INDEX).sum())
 
 
+def loss_scale(step_target_tokens: int, world_size: int, grad_accum_steps: int) -> float:
+    """Factor for a micro-batch's summed loss so the optimizer step sees the mean over all its target tokens.
+
+    accelerate divides each micro-batch loss by grad_accum_steps and DDP averages gradients over processes;
+    both are undone here, and the sum is divided by the step's target tokens over every micro-batch and process.
+    """
+    return world_size * grad_accum_steps / step_target_tokens
+
+
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over target positions.
 
@@ -41,14 +51,39 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def model_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward a left-padded batch asking only for the logits the targets need; return the summed loss."""
-    labels = batch["labels"]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=logits_window(labels),
-        use_cache=False,
-    )
-    return summed_loss(out.logits, labels)
+class AnswerLoss(torch.nn.Module):
+    """The training forward: model + masked loss in one call, so DDP/DeepSpeed see exactly one forward.
+
+    With `prefix_ids` (the system turn every prompt starts with), batches hold only what follows it: the prefix
+    runs once per micro-batch (batch size 1), its KV cache is broadcast to every row, and gradients still flow
+    through it. On the arXiv prompts that prefix is more than half of every example's tokens.
+    """
+
+    def __init__(self, model, prefix_ids: list[int] | None = None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("prefix_ids", torch.tensor([prefix_ids or []], dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, labels) -> torch.Tensor:
+        """Summed cross-entropy over the batch's target tokens."""
+        n_prefix, batch = self.prefix_ids.shape[1], input_ids.shape[0]
+        cache = None
+        if n_prefix:
+            out = self.model(input_ids=self.prefix_ids, use_cache=True)
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    (lyr.keys.expand(batch, -1, -1, -1), lyr.values.expand(batch, -1, -1, -1))
+                    for lyr in out.past_key_values.layers
+                ]
+            )
+            attention_mask = torch.cat([attention_mask.new_ones(batch, n_prefix), attention_mask], dim=1)
+            position_ids = position_ids + n_prefix
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=n_prefix > 0,
+            logits_to_keep=logits_window(labels),
+        )
+        return summed_loss(out.logits, labels)

@@ -148,15 +148,15 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype = torch.float32, tru
     return load_model(str(output_dir), dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def save_output(accelerator, model, tokenizer, cfg, labels: list[str], metrics: dict) -> Path:
-    """Write what infer.py needs beside the weights: resolved config, label set, prompt template id, metrics."""
+def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], metrics: dict) -> Path:
+    """Save the model inside a prepared AnswerLoss, with the resolved config, labels, template id and metrics."""
     from arxiv_ft.config import save_json, to_dict
 
     out = Path(cfg.output_dir)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(train_model).model
     # Under ZeRO-3 the full weights exist only gathered: every rank must take part in get_state_dict.
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(train_model).items()}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)

@@ -30,17 +30,6 @@ class Prediction:
         return [(labels[i], self.probs[i]) for i in order]
 
 
-def shared_prefix_ids(builder: PromptBuilder) -> list[int]:
-    """The token prefix every prompt starts with (the rendered system turn), found by rendering two papers."""
-    a = builder.prompt_ids(Record("a", "Alpha", "One.", (builder.labels[0],)))
-    b = builder.prompt_ids(Record("b", "Zeta", "Two.", (builder.labels[0],)))
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    # Keep one token back: a token boundary can merge differently where the texts start to differ.
-    return a[: max(n - 1, 0)]
-
-
 class LabelTree:
     """The labels' token sequences as a trie, fed as one row of tokens in which each token sees only its ancestors.
 
@@ -88,7 +77,7 @@ class LabelScorer:
         self.model = model
         self.builder = builder
         self.pad_id = pad_id
-        self.prefix = shared_prefix_ids(builder) if use_prefix_cache else []
+        self.prefix = builder.shared_prefix_ids() if use_prefix_cache else []
         self.tree = LabelTree([builder.label_targets[label] for label in builder.labels])
 
     @torch.no_grad()

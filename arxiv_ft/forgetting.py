@@ -1,0 +1,418 @@
+"""Forgetting probes: what fine-tuning costs the model outside the task, measured the same way before and after.
+
+Two probes, both on shipped data so every run is measured on identical items:
+- perplexity on WikiText-2 (raw test): the text is tokenised once, cut into the first `n_windows` non-overlapping
+  windows of `window_tokens`; each window is scored on its own (its first token has no context and is not scored).
+- multiple-choice accuracy on a fixed mix (ARC, HellaSwag, PIQA, WinoGrande, BoolQ, MMLU), lm-eval-harness style:
+  plain-text context, each choice scored by log-likelihood; no chat template, so the base model is not penalised.
+Optionally, the mean KL(base || tuned) of next-token distributions on the perplexity windows.
+
+The base model's results are cached on disk (`base_probes_cached`), keyed by model identity, PROBE_VERSION and the
+probe config, so each fine-tuned run pays only for probing itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from arxiv_ft.config import option
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Bump when anything that changes the numbers changes: templates, tokenisation, window rule, item selection.
+PROBE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    # Defaults: ~60 s on 2 CPU cores for SmolLM2-135M (fp32); raise n_windows / mc_items on a GPU.
+    n_windows: int = option(8, "WikiText-2 windows scored (the first N, non-overlapping)")
+    window_tokens: int = option(512, "tokens per perplexity window")
+    mc_items: int = option(112, "multiple-choice items: the first mc_items/7 of each task in file order")
+    batch_size: int = option(8, "windows or choice sequences per forward")
+    kl: bool = option(False, "also measure KL(base || tuned) on the windows (needs the base model at hand)")
+    text_file: str = option(str(ASSETS / "wikitext2_raw_test.txt"), "perplexity text")
+    items_file: str = option(str(ASSETS / "probe_mix_800.jsonl"), "multiple-choice items (JSONL)")
+
+    def __post_init__(self):
+        for name in ("n_windows", "window_tokens", "mc_items", "batch_size"):
+            if getattr(self, name) < (2 if name == "window_tokens" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------- perplexity
+
+
+_TOKEN_CACHE: dict[tuple, list[int]] = {}
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    # Tokenising all of WikiText-2 costs ~2 s; base and tuned probes in one process share the result.
+    key = (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), hashlib.sha1(text.encode()).hexdigest())
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE.clear()
+        _TOKEN_CACHE[key] = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return _TOKEN_CACHE[key]
+
+
+def text_windows(tokenizer, text: str, window_tokens: int, n_windows: int) -> torch.Tensor:
+    """The first `n_windows` non-overlapping windows of the whole text's token ids: a [n, window_tokens] tensor."""
+    ids = _text_ids(tokenizer, text)
+    if len(ids) < window_tokens * n_windows:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than {n_windows} windows of {window_tokens}")
+    return torch.tensor(ids[: window_tokens * n_windows], dtype=torch.long).view(n_windows, window_tokens)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _inference(model):
+    # Probes must not see dropout (LoRA dropout included); restore whatever mode training left the model in.
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def perplexity(model, tokenizer, text: str, window_tokens: int = 1024, n_windows: int = 8, batch_size: int = 1) -> dict:
+    """Perplexity on fixed windows of `text`: exp of the mean NLL over every predicted token of every window."""
+    windows = text_windows(tokenizer, text, window_tokens, n_windows)
+    device = _device(model)
+    nll_sum, n_tokens = 0.0, 0
+    with _inference(model):
+        # A few windows per forward: the logits of one 1024-token window are 200 MB with a 49k vocabulary.
+        for start in range(0, n_windows, batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            logits = model(input_ids=ids).logits
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+            nll_sum += float(nll)
+            n_tokens += ids[:, 1:].numel()
+    nll_mean = nll_sum / n_tokens
+    return {
+        "ppl": float(torch.tensor(nll_mean, dtype=torch.float64).exp()),
+        "nll": nll_mean,
+        "tokens": n_tokens,
+        "windows": n_windows,
+        "window_tokens": window_tokens,
+    }
+
+
+def next_token_kl(
+    base_model, tuned_model, tokenizer, text: str, window_tokens: int = 1024, n_windows: int = 8, batch_size: int = 1
+) -> dict:
+    """Mean KL(base || tuned) of next-token distributions over the perplexity windows' predicting positions.
+
+    `base_model=None` means `tuned_model` is a PEFT model whose adapters, switched off, are the base.
+    """
+    windows = text_windows(tokenizer, text, window_tokens, n_windows)
+    device = _device(tuned_model)
+
+    def base_logits(ids):
+        if base_model is None:
+            with tuned_model.disable_adapter():
+                return tuned_model(input_ids=ids).logits
+        return base_model(input_ids=ids).logits
+
+    kl_sum, n_positions = 0.0, 0
+    with _inference(tuned_model), _inference(base_model if base_model is not None else tuned_model):
+        for start in range(0, n_windows, batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            tuned_logp = torch.log_softmax(tuned_model(input_ids=ids).logits[:, :-1].float(), dim=-1).flatten(0, 1)
+            base_logp = torch.log_softmax(base_logits(ids)[:, :-1].float(), dim=-1).flatten(0, 1)
+            # kl_div(input=log q, target=log p) is sum p (log p - log q): KL(base || tuned).
+            kl_sum += float(F.kl_div(tuned_logp, base_logp, log_target=True, reduction="sum"))
+            n_positions += tuned_logp.shape[0]
+    return {"kl": kl_sum / n_positions, "positions": n_positions}
+
+
+# ------------------------------------------------------------------------------------------ multiple choice
+
+
+def read_items(path: str | Path) -> list[dict]:
+    """Multiple-choice items of a JSONL file, in file order."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def select_items(items: list[dict], n: int) -> list[dict]:
+    """The first items of each task in turn (round robin, file order): `n` items, every task represented.
+
+    The probe file is sorted by task, so its first `n` lines alone would all be ARC-Easy.
+    """
+    by_task: dict[str, list[dict]] = {}
+    for item in items:
+        by_task.setdefault(item["task"], []).append(item)
+    queues = [iter(v) for v in by_task.values()]
+    out: list[dict] = []
+    while len(out) < n and queues:
+        for queue in list(queues):
+            item = next(queue, None)
+            if item is None:
+                queues.remove(queue)
+            elif len(out) < n:
+                out.append(item)
+    return out
+
+
+def mc_requests(item: dict) -> list[tuple[str, str]]:
+    """(context, continuation) text for each choice, lm-eval-harness style; the continuation is what is scored.
+
+    WinoGrande uses partial scoring: each context option (sentence up to the blank, filled in) is scored by the
+    likelihood of the shared rest of the sentence. HellaSwag continues the passage; BoolQ's question already holds
+    its passage; everything else is `Question: ...\\nAnswer:` + ` choice`.
+    """
+    if "context_options" in item:
+        return [(ctx, " " + item["continuation"].strip()) for ctx in item["context_options"]]
+    # Choices are stripped: some PIQA solutions end in a stray space, which would be scored as a token of its own.
+    choices = [" " + c.strip() for c in item["choices"]]
+    if item["task"] == "hellaswag":
+        return [(item["question"], c) for c in choices]
+    if "\nQuestion:" in item["question"]:
+        return [(item["question"] + "\nAnswer:", c) for c in choices]
+    return [(f"Question: {item['question']}\nAnswer:", c) for c in choices]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids, cut from the ids of their concatenation (lm-eval's rule, so merges match)."""
+    # Trailing whitespace belongs with the continuation: BPE attaches a space to the word after it.
+    stripped = context.rstrip()
+    continuation = context[len(stripped) :] + continuation
+    whole = tokenizer(stripped + continuation)["input_ids"]
+    n_context = len(tokenizer(stripped)["input_ids"])
+    if n_context >= len(whole):
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+    return whole[:n_context], whole[n_context:]
+
+
+def score_continuations(
+    model, requests: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, max_tokens: int | None = None
+) -> list[tuple[float, int]]:
+    """(sum of log-probs, token count) of each continuation given its context, in input order.
+
+    Rows are left-padded with positions counted from each row's first real token, so every continuation ends in
+    the last column and the model is asked for only the last max(continuation) logits.
+    """
+    device = _device(model)
+    seqs = []
+    for context, continuation in requests:
+        seq = context + continuation
+        if max_tokens is not None and len(seq) > max_tokens:
+            seq = seq[-max_tokens:]  # keep the end: the continuation and the context nearest to it
+        seqs.append((seq[:-1], continuation))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    with _inference(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(seqs[i][0]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                inp = seqs[i][0]
+                input_ids[row, width - len(inp) :] = torch.tensor(inp)
+                mask[row, width - len(inp) :] = 1
+            keep = max(len(seqs[i][1]) for i in idx)
+            out = model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                logits_to_keep=keep,
+            )
+            for row, i in enumerate(idx):
+                target = torch.tensor(seqs[i][1], device=device)
+                logp = torch.log_softmax(out.logits[row, keep - len(target) :].float(), dim=-1)
+                results[i] = (float(logp.gather(-1, target[:, None]).sum()), len(target))
+    return results
+
+
+def multiple_choice(model, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
+    """Multiple-choice accuracy overall and per task.
+
+    `acc_norm` (reported as `accuracy`) picks the choice with the highest mean log-prob per continuation token
+    (length-normalised); `acc` picks the highest summed log-prob. WinoGrande scores one shared continuation, so
+    the two agree there. `correct` lists each item's acc_norm outcome, for paired before/after comparisons.
+    """
+    spans, requests = [], []
+    for item in items:
+        pairs = [encode_pair(tokenizer, ctx, cont) for ctx, cont in mc_requests(item)]
+        spans.append((len(requests), len(requests) + len(pairs)))
+        requests.extend(pairs)
+    max_tokens = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    scores = score_continuations(model, requests, batch_size, tokenizer.pad_token_id, max_tokens)
+    tasks: dict[str, dict] = {}
+    correct, correct_sum = [], []
+    for item, (lo, hi) in zip(items, spans):
+        sums = [s for s, _ in scores[lo:hi]]
+        means = [s / n for s, n in scores[lo:hi]]
+        hit_norm = int(max(range(len(means)), key=means.__getitem__) == item["answer_index"])
+        hit_sum = int(max(range(len(sums)), key=sums.__getitem__) == item["answer_index"])
+        correct.append(hit_norm)
+        correct_sum.append(hit_sum)
+        t = tasks.setdefault(item["task"], {"n": 0, "acc": 0, "acc_norm": 0})
+        t["n"] += 1
+        t["acc"] += hit_sum
+        t["acc_norm"] += hit_norm
+    for t in tasks.values():
+        t["acc"] /= t["n"]
+        t["acc_norm"] /= t["n"]
+    n = len(items)
+    return {
+        "n": n,
+        "accuracy": sum(correct) / n if n else float("nan"),
+        "acc": sum(correct_sum) / n if n else float("nan"),
+        "acc_norm": sum(correct) / n if n else float("nan"),
+        "tasks": tasks,
+        "tokens": sum(len(c) + len(t) - 1 for c, t in requests),
+        "ids": [item["id"] for item in items],
+        "correct": correct,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the probes
+
+
+def _sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def probe_key(cfg: ProbeConfig) -> dict:
+    """What determines the probe numbers: version, config (data by content, not path); KL is not in it."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("kl", "text_file", "items_file")}
+    return {
+        "probe_version": PROBE_VERSION,
+        **fields,
+        "text_sha256": _sha256_file(cfg.text_file),
+        "items_sha256": _sha256_file(cfg.items_file),
+    }
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None) -> dict:
+    """Perplexity and multiple-choice probes (and KL to the base when `cfg.kl`) for one model.
+
+    KL needs the base: pass `base_model`, or leave it None for a PEFT model (its adapters switched off).
+    """
+    started = time.perf_counter()
+    text = Path(cfg.text_file).read_text(encoding="utf-8")
+    ppl = perplexity(model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.batch_size)
+    ppl_seconds = time.perf_counter() - started
+    items = select_items(read_items(cfg.items_file), cfg.mc_items)
+    mc = multiple_choice(model, tokenizer, items, cfg.batch_size)
+    result = {
+        "probe_version": PROBE_VERSION,
+        "key_hash": _hash(probe_key(cfg)),
+        "config": dataclasses.asdict(cfg),
+        "perplexity": ppl,
+        "multiple_choice": mc,
+        "kl": None,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": _device(model).type,
+    }
+    seconds = {"perplexity": ppl_seconds, "multiple_choice": time.perf_counter() - started - ppl_seconds}
+    if cfg.kl and (base_model is not None or hasattr(model, "disable_adapter")):
+        kl_started = time.perf_counter()
+        result["kl"] = next_token_kl(
+            base_model, model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.batch_size
+        )
+        seconds["kl"] = time.perf_counter() - kl_started
+    result["seconds"] = {**seconds, "total": time.perf_counter() - started}
+    return result
+
+
+def model_identity(model_name_or_path: str) -> dict:
+    """What names a model's weights: its path and its weight files' sizes and times, or the hub cache's commit."""
+    from arxiv_ft.modeling import resolve_model_path
+
+    path = Path(resolve_model_path(model_name_or_path))
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf"))
+        return {
+            "name": model_name_or_path,
+            "path": str(path.resolve()),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        }
+    try:  # a hub id: the cached snapshot folder carries the commit hash
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model_name_or_path, "config.json")
+    except Exception:  # identity is best effort: the name alone still keys the cache
+        cached = None
+    return {"name": model_name_or_path, "snapshot": cached if isinstance(cached, str) else None}
+
+
+def base_probes_cached(
+    model_name_or_path: str,
+    tokenizer,
+    model_loader: Callable[[], torch.nn.Module],
+    cfg: ProbeConfig,
+    cache_dir: str | Path,
+    key_extra: dict | None = None,
+) -> dict:
+    """The base model's probe results, computed once (calling `model_loader()`) and then read from `cache_dir`.
+
+    Put what else changes the numbers in `key_extra` (dtype, device type): the delta of an unchanged model is
+    exactly zero only when base and tuned are probed the same way.
+    """
+    key = {
+        "model": model_identity(model_name_or_path),
+        "tokenizer": [type(tokenizer).__name__, len(tokenizer)],
+        "probe": probe_key(cfg),
+        "extra": key_extra or {},
+    }
+    path = Path(cache_dir) / f"base-probes-{_hash(key)[:20]}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["result"]
+    result = run_probes(model_loader(), tokenizer, dataclasses.replace(cfg, kl=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique temporary name, then rename: two runs probing the same base at once never see half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"key": key, "result": result}, fh)
+    os.replace(tmp, path)
+    return result
+
+
+def forgetting_delta(base: dict, tuned: dict) -> dict:
+    """Tuned minus base: perplexity (delta and ratio), MC accuracy overall and per task, items lost and gained."""
+    if base["key_hash"] != tuned["key_hash"]:
+        raise ValueError("base and tuned probes were run with different probe configs or data; not comparable")
+    pb, pt = base["perplexity"], tuned["perplexity"]
+    mb, mt = base["multiple_choice"], tuned["multiple_choice"]
+    # Paired outcome per item: with ~100 items a 2-point change is a handful of flips either way.
+    flips = list(zip(mb["correct"], mt["correct"]))
+    return {
+        "ppl_before": pb["ppl"],
+        "ppl_after": pt["ppl"],
+        "ppl_delta": pt["ppl"] - pb["ppl"],
+        "ppl_ratio": pt["ppl"] / pb["ppl"],
+        "nll_delta": pt["nll"] - pb["nll"],
+        "mc_before": mb["accuracy"],
+        "mc_after": mt["accuracy"],
+        "mc_delta": mt["accuracy"] - mb["accuracy"],
+        "mc_acc_delta": mt["acc"] - mb["acc"],
+        "mc_items_lost": sum(1 for b, t in flips if b and not t),
+        "mc_items_gained": sum(1 for b, t in flips if t and not b),
+        "mc_task_delta": {task: mt["tasks"][task]["acc_norm"] - v["acc_norm"] for task, v in mb["tasks"].items()},
+        "kl": (tuned.get("kl") or {}).get("kl"),
+    }

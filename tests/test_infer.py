@@ -1,0 +1,331 @@
+"""infer.py end to end on a tiny random LLaMA: sharding, crash-resume, bad input, model folders, the arXiv API."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+
+import infer
+import train
+from arxiv_ft import config as cfglib
+from arxiv_ft import records as rec
+from arxiv_ft.data import PromptBuilder
+from arxiv_ft.modeling import load_tokenizer, load_trained
+from arxiv_ft.prompts import get_template
+from arxiv_ft.scoring import LabelScorer
+from tests.conftest import ASSETS, ROOT
+from tests.test_arxiv_api import FakeArxiv
+
+LABELS = str(ASSETS / "cs-labels.txt")
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+# Two batch compositions give probabilities equal to ~1e-7; a wider margin, and near-ties may swap places.
+PROB_TOL = 1e-5
+
+
+def run(argv: list[str]) -> dict:
+    return infer.main(cfglib.parse_config(infer.InferConfig, argv, ""))
+
+
+def zero_shot(model_dir: str, *extra: str) -> list[str]:
+    return ["--model", model_dir, "--labels", LABELS, "--max-seq-tokens", "160", "--progress", "false", *extra]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def part_indices(out: Path) -> list[int]:
+    return [json.loads(line)["index"] for p in infer.all_parts(out) for line in p.read_text().splitlines()]
+
+
+def assert_same_predictions(got: list[dict], want: list[dict]) -> None:
+    """Same papers in the same order; probabilities equal within PROB_TOL; a different label only at a near-tie."""
+    assert [(g["index"], g["id"], g["true"]) for g in got] == [(w["index"], w["id"], w["true"]) for w in want]
+    for g, w in zip(got, want):
+        gp, wp = dict(g["top_k"]), dict(w["top_k"])
+        for label in gp.keys() & wp.keys():
+            assert abs(gp[label] - wp[label]) < PROB_TOL, (g, w)
+        kth = min(wp.values())
+        assert all(abs(gp[label] - kth) < PROB_TOL for label in gp.keys() - wp.keys()), (g, w)
+        assert g["predicted"] == w["predicted"] or abs(gp[g["predicted"]] - gp.get(w["predicted"], -1)) < PROB_TOL
+
+
+def write_papers(path: Path, n: int, source: Path = ASSETS / "cs-train-sample.jsonl") -> Path:
+    with open(source, encoding="utf-8") as fh:
+        path.write_text("".join(next(fh) for _ in range(n)), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    """An uninterrupted 1-process run over 300 papers: (input file, output path, its lines)."""
+    folder = tmp_path_factory.mktemp("reference")
+    papers = write_papers(folder / "papers.jsonl", 300)
+    out = folder / "preds.jsonl"
+    summary = run(zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out), "--batch-size", "8"))
+    assert summary["n_predicted"] == 300 and summary["n_rejected"] == 0
+    return papers, out, read_jsonl(out)
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir, reference):
+    papers, _, want = reference
+    small = write_papers(tmp_path / "papers.jsonl", 40)
+    out = tmp_path / "two" / "preds.jsonl"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port())]
+    argv = zero_shot(tiny_model_dir, "--input", str(small), "--output", str(out), "--batch-size", "8")
+    res = subprocess.run(
+        [*launch, "infer.py", *argv], cwd=ROOT, env=ENV | {"ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "two" / "preds.jsonl.summary.json").read_text())
+    assert summary["this_run"]["world_size"] == 2 and len(summary["this_run"]["per_process"]) == 2
+    parts = infer.all_parts(out)
+    assert [p.name for p in parts] == [f"preds.jsonl.part-0000{r}-of-00002.jsonl" for r in (0, 1)]
+    for rank, part in enumerate(parts):
+        assert sorted(json.loads(line)["index"] for line in part.read_text().splitlines()) == list(range(rank, 40, 2))
+    got = read_jsonl(out)
+    assert [g["id"] for g in got] == [r.id for r in rec.read_records(small)]  # each once, in input order
+    assert_same_predictions(got, want[:40])  # the first 40 papers of the 1-process run over 300
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir, reference):
+    papers, _, want = reference
+    out = tmp_path / "preds.jsonl"
+    part = tmp_path / "preds.jsonl.part-00000-of-00001.jsonl"
+    # Batches of one paper, fsynced one by one: slow enough to be killed mid-way.
+    argv = zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out))
+    slow = [*argv, "--batch-size", "1", "--window-batches", "1"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "infer.py", *slow], cwd=ROOT, env=ENV, stderr=err)
+        deadline = time.monotonic() + 180
+        while not (part.exists() and part.read_bytes().count(b"\n") >= 10):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = part.read_bytes().count(b"\n")
+    assert 10 <= done < 300
+    with open(part, "ab") as fh:  # as if the crash had come in the middle of writing a line
+        fh.write(b'{"index": 299, "id": "2401.0')
+
+    summary = run([*argv, "--batch-size", "8"])
+
+    assert summary["this_run"]["already_done_at_start"] == done
+    assert summary["this_run"]["processed"] == 300 - done
+    assert sorted(part_indices(out)) == list(range(300))  # nothing twice, nothing lost, the half line gone
+    assert_same_predictions(read_jsonl(out), want)
+
+
+def test_restart_with_another_world_size(tmp_path, tiny_model_dir, reference):
+    """Parts left by a 2-process run (one of them cut short mid-line) are finished by 1 process."""
+    papers, ref_out, want = reference
+    out = tmp_path / "preds.jsonl"
+    shutil.copy(ref_out.with_name(ref_out.name + ".run.json"), tmp_path / "preds.jsonl.run.json")
+    lines = ref_out.read_text().splitlines(keepends=True)
+    (tmp_path / "preds.jsonl.part-00000-of-00002.jsonl").write_text("".join(lines[0::2]))
+    (tmp_path / "preds.jsonl.part-00001-of-00002.jsonl").write_text("".join(lines[1:100:2]) + lines[101][:20])
+
+    summary = run(zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out), "--batch-size", "8"))
+
+    assert summary["this_run"]["already_done_at_start"] == 150 + 50
+    assert summary["this_run"]["processed"] == 100
+    assert sorted(part_indices(out)) == list(range(300))
+    assert_same_predictions(read_jsonl(out), want)
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path, tiny_model_dir, reference):
+    papers, ref_out, _ = reference
+    out = tmp_path / "preds.jsonl"
+    shutil.copy(ref_out.with_name(ref_out.name + ".run.json"), tmp_path / "preds.jsonl.run.json")
+    with pytest.raises(SystemExit, match="started with a different labels"):
+        run(
+            ["--model", tiny_model_dir, "--labels", "cs.LG,cs.CL", "--max-seq-tokens", "160", "--input", str(papers)]
+            + ["--output", str(out)]
+        )
+
+
+def good(rid: str, category: str = "cs.LG", **extra) -> dict:
+    return {"id": rid, "title": f"Paper {rid}", "abstract": f"We study {rid}.", "categories": category, **extra}
+
+
+def test_bad_lines_are_rejected_with_line_numbers_and_the_rest_classified(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    lines = [
+        json.dumps(good("a", authors="X. Y.", versions=[{"version": "v1"}], license=None)).encode(),  # extra fields
+        b'{"id": "b", "title": "Broken',  # malformed JSON
+        json.dumps({"id": "c", "abstract": "No title.", "categories": "cs.LG"}).encode(),
+        json.dumps(good("d") | {"abstract": "   "}).encode(),
+        b'{"id": "e", "title": "Bad \xff\xfe bytes", "abstract": "x", "categories": "cs.LG"}',
+        b"",  # blank: not an item
+        json.dumps(good("f", "cs.CL")).encode(),
+        json.dumps(good("g") | {"title": "long " * 400}).encode(),  # no prompt fits 160 tokens
+        json.dumps(good("h", "math.CO cs.LG")).encode(),  # true label outside the label set
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    whole = gzip.compress(write_papers(tmp_path / "whole.jsonl", 40).read_bytes())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    items = [(str(p), n, x) for p in (bad, cut) for n, x in rec.iter_records_and_rejects(p)]
+    n_gz = sum(isinstance(x, rec.Record) for p, _, x in items if p == str(cut))
+    assert 0 < n_gz < 40 and isinstance(items[-1][2], rec.Reject)
+    out = tmp_path / "preds.jsonl"
+    argv = zero_shot(tiny_model_dir, "--input", f"{bad},{cut}", "--output", str(out), "--batch-size", "4")
+
+    summary = run([*argv, "--max-reject-fraction", "0.5"])
+
+    got = read_jsonl(out)
+    gz_ids = [x.id for p, _, x in items if p == str(cut) and isinstance(x, rec.Record)]
+    assert [g["id"] for g in got] == ["a", "f", "h", *gz_ids]
+    assert [g["index"] for g in got] == [0, 5, 7] + list(range(8, 8 + n_gz))  # the blank line has no index
+    rejects = read_jsonl(tmp_path / "preds.jsonl.rejects.jsonl")
+    assert [(r["path"], r["line_no"]) for r in rejects] == [(str(bad), n) for n in (2, 3, 4, 5, 8)] + [
+        (str(cut), items[-1][1])
+    ]
+    reasons = [r["reason"] for r in rejects]
+    assert reasons[0].startswith("malformed JSON") and reasons[1] == "missing field 'title'"
+    assert reasons[2] == "empty 'abstract'" and reasons[3].startswith("invalid UTF-8")
+    assert reasons[4].startswith("prompt does not fit") and reasons[5].startswith("truncated or corrupt gzip")
+    assert '"id": "g"' in rejects[4]["text"] and "Broken" in rejects[0]["text"]
+    assert summary["n_items"] == 8 + n_gz + 1 and summary["n_rejected"] == 6 and summary["n_predicted"] == 3 + n_gz
+    assert summary["n_true_out_of_label_set"] == 1 and summary["out_of_label_set"] == {"math.CO": 1}
+    assert summary["metrics"]["n"] == 2 + n_gz and not summary["over_reject_limit"]
+
+    # The same run with the default limit: nothing left to classify, everything rewritten, exit status 3.
+    monkeypatch.setattr(sys, "argv", ["infer.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(ROOT / "infer.py"), run_name="__main__")
+    assert exc.value.code == 3
+    assert "6 of" in capsys.readouterr().err and read_jsonl(out) == got
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A real train.py output folder (LoRA adapter on the tiny model, 2 steps)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    argv = ["--model", tiny_model_dir, "--max-steps", "2", "--eval-before", "false", "--eval-per-class", "1"]
+    argv += ["--train-per-class", "2", "--max-seq-tokens", "150"]
+    argv += ["--output-dir", str(out), "--log-every-steps", "100"]
+    train.main(cfglib.parse_config(train.TrainConfig, argv, ""))
+    return out
+
+
+def test_model_dir_reproduces_labels_template_and_scores(tmp_path, trained_dir, tiny_model_dir):
+    pq = pytest.importorskip("pyarrow.parquet")
+    papers = write_papers(tmp_path / "papers.jsonl", 12, ASSETS / "cs-validation-sample.jsonl")
+    out = tmp_path / "preds.parquet"
+
+    run(["--model-dir", str(trained_dir), "--input", str(papers), "--output", str(out), "--progress", "false"])
+
+    saved = json.loads((tmp_path / "preds.parquet.run.json").read_text())
+    assert saved["labels"] == rec.read_labels(trained_dir / "labels.txt") == rec.read_labels(LABELS)
+    assert (saved["template"], saved["max_seq_tokens"]) == ("arxiv-v1", 150)
+    # What train.py's own evaluation path computes from the same folder.
+    tokenizer = load_tokenizer(str(trained_dir))
+    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), saved["labels"], 150)
+    scorer = LabelScorer(load_trained(trained_dir), builder, tokenizer.pad_token_id)
+    records = list(rec.read_records(papers))
+    probs = torch.softmax(scorer.score_prompts([builder.prompt_ids(r) for r in records]), -1)
+    table = pq.read_table(out).to_pylist()
+    assert [row["id"] for row in table] == [r.id for r in records]
+    for row, p in zip(table, probs):
+        assert row["predicted"] == saved["labels"][int(p.argmax())] and len(row["top_k_labels"]) == 3
+        assert abs(row["top_k_probs"][0] - float(p.max())) < PROB_TOL
+
+
+def test_model_dir_refuses_drift_and_unknown_templates(tmp_path, trained_dir):
+    base = ["--model-dir", str(trained_dir), "--arxiv-ids", "1605.08386", "--output", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match="--max-seq-tokens 192 differs"):
+        run([*base, "--max-seq-tokens", "192"])
+    with pytest.raises(SystemExit, match="--labels .* differs"):
+        run([*base, "--labels", "cs.LG,cs.CL"])
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("labels.txt", "train_config.json"):
+        shutil.copy(trained_dir / name, other / name)
+    (other / "prompt.json").write_text(json.dumps({"template": "arxiv-v0-gone", "max_seq_tokens": 150}))
+    config = json.loads((other / "train_config.json").read_text()) | {"template": "arxiv-v0-gone"}
+    (other / "train_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="unknown prompt template 'arxiv-v0-gone'; known: arxiv-v1"):
+        run(["--model-dir", str(other), *base[2:]])
+
+
+def test_exactly_one_input_and_one_model(tiny_model_dir):
+    with pytest.raises(SystemExit):
+        run(["--model", tiny_model_dir, "--labels", LABELS])
+    with pytest.raises(SystemExit):
+        run(["--model", tiny_model_dir, "--input", "a.jsonl", "--query", "x", "--labels", LABELS])
+    with pytest.raises(SystemExit):
+        run(["--model", tiny_model_dir, "--input", "a.jsonl"])  # zero-shot needs --labels
+
+
+@pytest.fixture
+def api():
+    """The recorded arXiv API fixtures served on 127.0.0.1 (tests/test_arxiv_api.py's FakeArxiv)."""
+    fake = FakeArxiv()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            answer = fake.answer(urlsplit(self.path).query)
+            self.send_response(answer.status)
+            self.send_header("Content-Length", str(len(answer.body)))
+            self.end_headers()
+            self.wfile.write(answer.body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    fake.url = f"http://127.0.0.1:{server.server_port}/api/query"
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+def test_arxiv_ids_and_query_through_the_api(tmp_path, tiny_model_dir, api):
+    common = zero_shot(tiny_model_dir, "--api-base-url", api.url, "--api-min-interval-s", "0")
+    out = tmp_path / "ids.jsonl"
+    run([*common, "--arxiv-ids", "0808.05394,1707.08567", "--output", str(out)])
+    (line,) = read_jsonl(out)  # 0808.05394 does not exist
+    assert (line["id"], line["true"]) == ("1707.08567", "cs.IT") and line["predicted"] in line["top_k"][0]
+
+    out = tmp_path / "query.jsonl"
+    query = [*common, "--query", "testing", "--max-results", "10", "--sort-by", "relevance", "--output", str(out)]
+    summary = run(query)
+    got = read_jsonl(out)
+    assert [g["id"] for g in got][:3] == ["2202.12139", "2405.13786", "2005.14124"] and len(got) == 10
+    assert got[0]["true"] == "cs.SE"
+    assert summary["n_true_in_label_set"] + summary["n_true_out_of_label_set"] == 10
+    n_requests = len(api.requests)
+    run(query)  # a rerun reads the fetched list again instead of asking the API: same papers, same order
+    assert len(api.requests) == n_requests and read_jsonl(out) == got
+    with pytest.raises(SystemExit, match="started with a different input"):
+        run([*query[:-2], "--max-results", "5", "--output", str(out)])

@@ -1,0 +1,92 @@
+"""Label scoring: batched == one-by-one == naive per-label forward passes; prefix cache and label trie are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arxiv_ft.data import PromptBuilder
+from arxiv_ft.prompts import get_template
+from arxiv_ft.records import Record
+from arxiv_ft.scoring import LabelScorer, LabelTree, generate_labels, parse_generated
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer, labels, train_records):
+    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), labels, max_seq_tokens=600)
+    model = make_tiny_llama(tokenizer, seed=1)
+    # Papers of very different lengths, so batches really pad.
+    records = train_records[:5] + [Record("short", "Tiny", "Short.", ("cs.LG",))]
+    return builder, model, records
+
+
+def naive_scores(model, builder, prompt):
+    """One full forward pass per label over prompt + label + end-of-turn: the slow, obviously right way."""
+    out = []
+    for label in builder.labels:
+        target = builder.label_targets[label]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + target])).logits[0].float(), -1)
+        out.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(target)))
+    return torch.tensor(out)
+
+
+def test_batched_scoring_equals_one_by_one_and_naive(setup, tokenizer):
+    builder, model, records = setup
+    prompts = [builder.prompt_ids(r) for r in records]
+    assert len({len(p) for p in prompts}) > 2
+    scorer = LabelScorer(model, builder, tokenizer.pad_token_id)
+    batched = scorer.score_prompts(prompts)
+    single = torch.cat([scorer.score_prompts([p]) for p in prompts])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+    for row in (0, len(prompts) - 1):
+        torch.testing.assert_close(batched[row], naive_scores(model, builder, prompts[row]), rtol=1e-4, atol=1e-4)
+    no_prefix = LabelScorer(model, builder, tokenizer.pad_token_id, use_prefix_cache=False)
+    torch.testing.assert_close(no_prefix.score_prompts(prompts), batched, rtol=1e-4, atol=1e-4)
+
+
+def test_predictions_keep_input_order_and_probabilities_sum_to_one(setup, tokenizer):
+    builder, model, records = setup
+    scorer = LabelScorer(model, builder, tokenizer.pad_token_id)
+    preds = scorer.predict(records, batch_size=4)
+    assert [p.id for p in preds] == [r.id for r in records]
+    for p, row in zip(preds, scorer.score_prompts([builder.prompt_ids(r) for r in records])):
+        assert p.predicted == builder.labels[int(row.argmax())]
+        assert abs(sum(p.probs) - 1) < 1e-5
+        assert p.top_k(builder.labels, 3)[0][0] == p.predicted
+
+
+def test_label_tree_shares_prefixes_and_handles_unequal_lengths():
+    tree = LabelTree([[1, 2, 3, 9], [1, 2, 4, 9], [1, 5, 9]])
+    # nodes: (1), (1,2), (1,2,3), (1,2,4), (1,5)
+    assert tree.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert tree.depths.tolist() == [0, 1, 2, 2, 1]
+    assert tree.sees[2].tolist() == [True, True, True, False, False]
+    assert tree.sees[4].tolist() == [True, False, False, False, True]
+    assert tree.step_valid.sum(1).tolist() == [3, 3, 2]
+
+
+def test_scoring_labels_of_unequal_token_length(tokenizer):
+    labels = ["cs.LG", "math.CO", "q-bio.NC"]  # 3 to 6 tokens
+    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), labels, max_seq_tokens=200)
+    assert len({len(t) for t in builder.label_targets.values()}) > 1
+    model = make_tiny_llama(tokenizer, seed=2)
+    prompts = [builder.prompt_ids(Record(str(i), f"Title {i}", "Abstract " * i, ("cs.LG",))) for i in (1, 7)]
+    scores = LabelScorer(model, builder, tokenizer.pad_token_id).score_prompts(prompts)
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(scores[row], naive_scores(model, builder, prompt), rtol=1e-4, atol=1e-4)
+
+
+def test_generation_mode_is_batched_like_one_by_one(setup, tokenizer):
+    builder, model, records = setup
+    batched = generate_labels(model, tokenizer, builder, records, batch_size=6)
+    single = [generate_labels(model, tokenizer, builder, [r], batch_size=1)[0] for r in records]
+    assert batched == single
+
+
+def test_parse_generated():
+    labels = ["cs.AI", "cs.LG", "cs.CL"]
+    assert parse_generated(" cs.LG\n", labels) == "cs.LG"
+    assert parse_generated("The category is cs.CL, maybe cs.AI", labels) == "cs.CL"
+    assert parse_generated("machine learning", labels) is None

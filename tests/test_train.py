@@ -1,0 +1,174 @@
+"""train.py end to end on a tiny random LLaMA: what trains, what stays frozen, what is saved and reloaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from arxiv_ft import config as cfglib
+from arxiv_ft.data import PromptBuilder
+from arxiv_ft.modeling import load_model, load_tokenizer, load_trained
+from arxiv_ft.prompts import get_template
+from arxiv_ft.records import read_records
+from arxiv_ft.scoring import LabelScorer
+from tests.conftest import ASSETS, ROOT
+
+FAST = [
+    "--train-per-class",
+    "2",
+    "--eval-per-class",
+    "1",
+    "--batch-size",
+    "6",
+    "--max-seq-tokens",
+    "160",
+    "--log-every-steps",
+    "100",
+    "--eval-batch-size",
+    "21",
+]
+
+
+def run(argv):
+    return train.main(cfglib.parse_config(train.TrainConfig, argv, ""))
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def predictions(model, tokenizer, out_dir, n=21):
+    labels = (out_dir / "labels.txt").read_text().split()
+    cfg = json.loads((out_dir / "train_config.json").read_text())
+    builder = PromptBuilder(tokenizer, get_template(cfg["template"]), labels, cfg["max_seq_tokens"])
+    records = list(read_records(ASSETS / "cs-validation-sample.jsonl"))[:n]
+    scorer = LabelScorer(model, builder, tokenizer.pad_token_id)
+    prompts = [builder.prompt_ids(r) for r in records]
+    return scorer.score_prompts([p for p in prompts if p is not None])
+
+
+def test_lora_trains_only_the_adapter_and_reloads_identically(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    base_before = weights(load_model(tiny_model_dir))
+    captured = {}
+    original = train.save_output
+
+    def capture(accelerator, train_model, *args):
+        captured["model"] = accelerator.unwrap_model(train_model).model
+        return original(accelerator, train_model, *args)
+
+    monkeypatch.setattr(train, "save_output", capture)
+    out = tmp_path / "lora"
+    metrics = run(["--model", tiny_model_dir, "--output-dir", str(out), "--lr", "1e-2", *FAST])
+    model = captured["model"]
+    state = weights(model)
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())
+    assert any(("lora_B" in k) and v.abs().sum() > 0 for k, v in lora.items())  # B starts at zero: it moved
+    for key, value in state.items():
+        if "lora_" not in key:
+            base_key = key.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(value, base_before[base_key], rtol=0, atol=0)
+    # Saved: adapter only, as safetensors, with exactly the trained adapter weights.
+    saved = load_file(out / "adapter_model.safetensors")
+    assert len(saved) == len(lora) and not (out / "model.safetensors").exists()
+    assert (out / "labels.txt").read_text().split() == metrics["labels"]
+    assert json.loads((out / "prompt.json").read_text())["template"] == "arxiv-v1"
+    saved_metrics = json.loads((out / "metrics.json").read_text())
+    assert set(saved_metrics) >= {"before", "after", "train", "cost"}
+    assert len(saved_metrics["train"]["loss_curve"]) == saved_metrics["train"]["steps"]
+    # Reload from disk: identical scores to the in-memory model.
+    reloaded = load_trained(out).eval()
+    model.eval()
+    torch.testing.assert_close(predictions(reloaded, tokenizer, out), predictions(model, tokenizer, out))
+
+
+def test_full_fine_tuning_changes_weights_and_reloads_identically(tiny_model_dir, tokenizer, tmp_path):
+    base_before = weights(load_model(tiny_model_dir))
+    out = tmp_path / "full"
+    run(
+        [
+            "--model",
+            tiny_model_dir,
+            "--method",
+            "full",
+            "--lr",
+            "1e-3",
+            "--output-dir",
+            str(out),
+            "--eval-before",
+            "false",
+            *FAST,
+        ]
+    )
+    reloaded = load_trained(out).eval()
+    after = weights(reloaded)
+    changed = [k for k in base_before if not torch.equal(base_before[k], after[k])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.embed_tokens.weight" in changed
+    assert (out / "model.safetensors").exists() and not (out / "adapter_model.safetensors").exists()
+    # The output folder is a complete model: tokenizer included, loadable by path.
+    assert load_tokenizer(str(out)).chat_template is not None
+
+
+def test_accumulation_matches_large_batch_run(tiny_model_dir, tmp_path):
+    """Batch 6 vs 3 x 2 accumulation: same loss trajectory and weights (AdamW, clipping, schedule and all)."""
+    common = [
+        "--model",
+        tiny_model_dir,
+        "--method",
+        "full",
+        "--lr",
+        "1e-3",
+        "--eval-before",
+        "false",
+        "--max-steps",
+        "3",
+    ]
+    a = run([*common, *FAST, "--output-dir", str(tmp_path / "a")])
+    fast = FAST.copy()
+    fast[fast.index("--batch-size") + 1] = "3"
+    b = run([*common, *fast, "--grad-accum-steps", "2", "--output-dir", str(tmp_path / "b")])
+    assert a["train"]["loss_curve"] == pytest.approx(b["train"]["loss_curve"], rel=1e-4)
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for field in train.TrainConfig.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in out.stdout
+
+
+def test_unknown_option_and_bad_values_are_named(tmp_path):
+    def fails(*argv):
+        res = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 2
+        return res.stderr
+
+    assert "--learning-rate" in fails("--learning-rate", "1")
+    assert "--method" in fails("--method", "qlora-ish")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 1e-4\nepochz: 2\n")
+    assert "epochz" in fails("--config", str(preset))
+
+
+def test_unknown_label_in_data_is_an_error_naming_it(tiny_model_dir, tmp_path):
+    bad = tmp_path / "train.jsonl"
+    lines = (ASSETS / "cs-train-sample.jsonl").read_text().splitlines()[:5]
+    lines.append(json.dumps({"id": "2401.00001", "title": "T", "abstract": "A", "categories": "math.CO cs.LG"}))
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"id 2401.00001.*'math.CO'"):
+        run(["--model", tiny_model_dir, "--train-file", str(bad), "--output-dir", str(tmp_path / "o")])
+
+
+def test_preset_values_apply_and_flags_override(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 0.001\nmethod: full\nepochs: 2\n")
+    cfg = cfglib.parse_config(train.TrainConfig, ["--config", str(preset), "--epochs", "3"], "")
+    assert (cfg.lr, cfg.method, cfg.epochs) == (0.001, "full", 3.0)

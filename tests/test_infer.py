@@ -35,6 +35,7 @@ LABELS = str(ASSETS / "cs-labels.txt")
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 # Two batch compositions give probabilities equal to ~1e-7; a wider margin, and near-ties may swap places.
 PROB_TOL = 1e-5
+N_PAPERS = 300  # in the reference run, the killed run and the restarts (even)
 
 
 def run(argv: list[str]) -> dict:
@@ -42,7 +43,7 @@ def run(argv: list[str]) -> dict:
 
 
 def zero_shot(model_dir: str, *extra: str) -> list[str]:
-    return ["--model", model_dir, "--labels", LABELS, "--max-seq-tokens", "160", "--progress", "false", *extra]
+    return ["--model", model_dir, "--labels", LABELS, "--max-seq-tokens", "192", "--progress", "false", *extra]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -79,12 +80,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
-    """An uninterrupted 1-process run over 300 papers: (input file, output path, its lines)."""
+    """An uninterrupted 1-process run over N_PAPERS papers: (input file, output path, its lines)."""
     folder = tmp_path_factory.mktemp("reference")
-    papers = write_papers(folder / "papers.jsonl", 300)
+    papers = write_papers(folder / "papers.jsonl", N_PAPERS)
     out = folder / "preds.jsonl"
     summary = run(zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out), "--batch-size", "8"))
-    assert summary["n_predicted"] == 300 and summary["n_rejected"] == 0
+    assert summary["n_predicted"] == N_PAPERS and summary["n_rejected"] == 0
     return papers, out, read_jsonl(out)
 
 
@@ -109,7 +110,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, reference):
         assert sorted(json.loads(line)["index"] for line in part.read_text().splitlines()) == list(range(rank, 40, 2))
     got = read_jsonl(out)
     assert [g["id"] for g in got] == [r.id for r in rec.read_records(small)]  # each once, in input order
-    assert_same_predictions(got, want[:40])  # the first 40 papers of the 1-process run over 300
+    assert_same_predictions(got, want[:40])  # the first 40 papers of the 1-process run
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir, reference):
@@ -130,15 +131,15 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir,
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done = part.read_bytes().count(b"\n")
-    assert 10 <= done < 300
+    assert 10 <= done < N_PAPERS
     with open(part, "ab") as fh:  # as if the crash had come in the middle of writing a line
-        fh.write(b'{"index": 299, "id": "2401.0')
+        fh.write(b'{"index": 9999, "id": "2401.0')
 
     summary = run([*argv, "--batch-size", "8"])
 
     assert summary["this_run"]["already_done_at_start"] == done
-    assert summary["this_run"]["processed"] == 300 - done
-    assert sorted(part_indices(out)) == list(range(300))  # nothing twice, nothing lost, the half line gone
+    assert summary["this_run"]["processed"] == N_PAPERS - done
+    assert sorted(part_indices(out)) == list(range(N_PAPERS))  # nothing twice, nothing lost, the half line gone
     assert_same_predictions(read_jsonl(out), want)
 
 
@@ -153,9 +154,9 @@ def test_restart_with_another_world_size(tmp_path, tiny_model_dir, reference):
 
     summary = run(zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out), "--batch-size", "8"))
 
-    assert summary["this_run"]["already_done_at_start"] == 150 + 50
-    assert summary["this_run"]["processed"] == 100
-    assert sorted(part_indices(out)) == list(range(300))
+    assert summary["this_run"]["already_done_at_start"] == N_PAPERS // 2 + 50
+    assert summary["this_run"]["processed"] == N_PAPERS // 2 - 50
+    assert sorted(part_indices(out)) == list(range(N_PAPERS))
     assert_same_predictions(read_jsonl(out), want)
 
 
@@ -165,7 +166,7 @@ def test_resume_with_other_arguments_is_refused(tmp_path, tiny_model_dir, refere
     shutil.copy(ref_out.with_name(ref_out.name + ".run.json"), tmp_path / "preds.jsonl.run.json")
     with pytest.raises(SystemExit, match="started with a different labels"):
         run(
-            ["--model", tiny_model_dir, "--labels", "cs.LG,cs.CL", "--max-seq-tokens", "160", "--input", str(papers)]
+            ["--model", tiny_model_dir, "--labels", "cs.LG,cs.CL", "--max-seq-tokens", "192", "--input", str(papers)]
             + ["--output", str(out)]
         )
 
@@ -185,7 +186,7 @@ def test_bad_lines_are_rejected_with_line_numbers_and_the_rest_classified(
         b'{"id": "e", "title": "Bad \xff\xfe bytes", "abstract": "x", "categories": "cs.LG"}',
         b"",  # blank: not an item
         json.dumps(good("f", "cs.CL")).encode(),
-        json.dumps(good("g") | {"title": "long " * 400}).encode(),  # no prompt fits 160 tokens
+        json.dumps(good("g") | {"title": "long " * 400}).encode(),  # no prompt fits 192 tokens
         json.dumps(good("h", "math.CO cs.LG")).encode(),  # true label outside the label set
     ]
     bad = tmp_path / "bad.jsonl"

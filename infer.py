@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from arxiv_ft import config as cfglib
@@ -96,7 +96,8 @@ class InferConfig:
 
 def main(cfg: InferConfig) -> dict:
     """Classify this process's share of the input, then (process 0) merge; returns the summary on every process."""
-    state = PartialState()
+    # ACCELERATE_USE_CPU: what Accelerator() reads, but PartialState() alone ignores (it then starts 1 process).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     rank, world = state.process_index, state.num_processes
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != world:
         raise SystemExit(f"launcher says WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate started {world}")
@@ -175,7 +176,9 @@ def main(cfg: InferConfig) -> dict:
     if state.is_main_process:
         merged = merge_parts(out, labels, n_items)
         processed = sum(r.get("predicted", 0) + r.get("rejected", 0) for r in ranks)
+        predicted = sum(r.get("predicted", 0) for r in ranks)
         wall = max(r["seconds"] for r in ranks)
+        merge_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         n_rejected = merged["n_rejected"]
         summary = {
             "output": str(out),
@@ -188,11 +191,11 @@ def main(cfg: InferConfig) -> dict:
             "this_run": {
                 "world_size": world,
                 "already_done_at_start": n_done_before,
-                "processed": processed,
+                "processed": processed,  # predicted + rejected by this run, all processes
                 "load_seconds": load_seconds,
-                "seconds": wall,
-                "papers_per_second": processed / wall if wall > 0 else None,
-                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
+                "seconds": wall,  # the slowest process, from its first read to its last write
+                "papers_per_second": predicted / wall if wall > 0 else None,
+                "peak_rss_bytes": max(merge_rss, *(r["peak_rss_bytes"] for r in ranks)),  # one process, merge included
                 "per_process": ranks,
             },
         }

@@ -14,20 +14,23 @@ whole optimizer step (all accumulation micro-batches, all processes). Evaluation
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from arxiv_ft import config as cfglib
 from arxiv_ft import records as rec
+from arxiv_ft.checkpoints import EXIT_PREEMPTED, GracefulStop, find_resume, load_checkpoint, save_checkpoint
 from arxiv_ft.config import option
+from arxiv_ft.config import to_dict as config_to_dict
 from arxiv_ft.data import BatchPlan, PromptBuilder, collate_left_padded, tokenize_records
 from arxiv_ft.loss import AnswerLoss, loss_scale, target_token_count
 from arxiv_ft.metrics import classification_metrics, format_report, training_flops_per_token
@@ -87,7 +90,12 @@ class TrainConfig:
     eval_mode: str = option("score", "label scoring, free generation, or both", ("score", "generate", "both"))
     eval_batch_size: int = option(16, "papers per evaluation batch")
     log_every_steps: int = option(5, "print the loss every N optimizer steps")
-    output_dir: str = option("runs/default", "where the model/adapter, config and metrics go")
+    output_dir: str = option("runs/default", "where the model/adapter, config, metrics and checkpoints go")
+    # resumability
+    checkpoint_every_steps: int = option(0, "save a resumable checkpoint every N steps (0 = only on a stop signal)")
+    keep_checkpoints: int = option(2, "how many complete checkpoints to keep")
+    resume: str = option("auto", "'auto' = newest complete checkpoint in output_dir if any, 'none', or a path")
+    expect_processes: int = option(0, "refuse to run unless this many processes joined (0 = trust the launcher)")
 
     def __post_init__(self):
         if self.method == "full" and self.lora_rank <= 0:
@@ -99,9 +107,14 @@ class TrainConfig:
 
 def main(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps)
+    # gloo on CPU: without it accelerate + DeepSpeed miscount CPU processes (../shared/notes/cpu-stack.md).
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, kwargs_handlers=handlers)
+    check_launch(accelerator, cfg.expect_processes)
     set_seed(cfg.seed)
     say = accelerator.print
+    stopper = GracefulStop()
     dtype = _resolve_dtype(cfg.dtype, cfg.method, accelerator.device)
 
     # Data: labels first, so an unknown label in the data fails before any model is loaded.
@@ -145,19 +158,48 @@ def main(cfg: TrainConfig) -> dict:
     if any(ex.prompt_ids[: len(prefix)] != prefix for ex in examples):
         say("not every prompt starts with the shared prefix: prefix sharing off")
         prefix = []
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # The DeepSpeed config says "auto" for these: they come from this config, so they cannot disagree.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds_config["gradient_clipping"] = cfg.max_grad_norm
     train_model, optimizer = accelerator.prepare(AnswerLoss(model, prefix), optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     model = accelerator.unwrap_model(train_model).model
 
+    # Resume: model, optimizer, scheduler, RNG states and the step (which fixes the data position).
+    state = {"step": 0, "loss_curve": [], "tokens_seen": 0, "target_tokens_seen": 0, "train_seconds": 0.0}
+    resume_from = find_resume(cfg.output_dir, cfg.resume)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        check_resumable(state.get("config", {}), config_to_dict(cfg))
+        say(f"resumed from {resume_from} at step {state['step']}/{plan.steps}")
+
     metrics: dict = {"labels": labels, "n_train_examples": len(examples), "tokenize": vars(tok_stats)}
-    if cfg.eval_before:
+    if state.get("before") is not None:
+        metrics["before"] = state["before"]
+    elif cfg.eval_before:
         metrics["before"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "zero-shot")
+
+    def checkpoint(step: int) -> None:
+        extra = {"config": config_to_dict(cfg), "before": metrics.get("before")}
+        progress_state = {
+            "step": step,
+            "loss_curve": losses,
+            "tokens_seen": tokens_seen,
+            "target_tokens_seen": target_tokens_seen,
+            "train_seconds": time.perf_counter() - train_started + state["train_seconds"],
+        }
+        save_checkpoint(accelerator, cfg.output_dir, step, {**progress_state, **extra}, cfg.keep_checkpoints)
 
     # The loop: each optimizer step takes grad_accum_steps global micro-batches; each process its own slice.
     model.train()
-    losses, tokens_seen, target_tokens_seen = [], 0, 0
+    losses, tokens_seen, target_tokens_seen = state["loss_curve"], state["tokens_seen"], state["target_tokens_seen"]
     train_started = time.perf_counter()
-    progress = tqdm(total=plan.steps, disable=not accelerator.is_local_main_process, desc="train")
-    for step in range(plan.steps):
+    progress = tqdm(
+        total=plan.steps, initial=state["step"], disable=not accelerator.is_local_main_process, desc="train"
+    )
+    for step in range(state["step"], plan.steps):
         window = plan.step_batches(step)
         mine = [
             collate_left_padded(ex[accelerator.process_index :: world], tokenizer.pad_token_id, len(prefix))
@@ -187,8 +229,18 @@ def main(cfg: TrainConfig) -> dict:
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if (step + 1) % cfg.log_every_steps == 0 or step + 1 == plan.steps:
             say(f"step {step + 1}/{plan.steps} loss {step_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+        if stopper.should_stop(accelerator):
+            checkpoint(step + 1)
+            say(f"stopped by signal after step {step + 1}; checkpoint saved; resume with --resume auto")
+            progress.close()
+            accelerator.end_training()
+            sys.exit(EXIT_PREEMPTED)
+        if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < plan.steps:
+            checkpoint(step + 1)
     progress.close()
-    train_seconds = time.perf_counter() - train_started
+    if cfg.checkpoint_every_steps:
+        checkpoint(plan.steps)
+    train_seconds = time.perf_counter() - train_started + state["train_seconds"]
     tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
 
     metrics["after"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "fine-tuned")
@@ -244,6 +296,49 @@ def evaluate(accelerator, model, tokenizer, builder, records, cfg: TrainConfig, 
         accelerator.print(format_report(result["score"], builder.labels))
     model.train()
     return result
+
+
+# Options that may change between a run and its resumption; any other difference makes the checkpoint unusable.
+RESUMABLE_CHANGES = {
+    "resume",
+    "output_dir",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_mode",
+    "expect_processes",
+}
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint made with a different training configuration."""
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise SystemExit(
+            f"checkpoint was made with a different config ({details}); use --resume none or a new output dir"
+        )
+
+
+def check_launch(accelerator, expect_processes: int) -> None:
+    """Refuse to train something other than what the launch asked for (accelerate can fall back silently)."""
+    dt = accelerator.distributed_type
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and dt != DistributedType.FSDP:
+        raise SystemExit(
+            f"the launch config asks for FSDP but accelerate set up {dt.value} (it never applies FSDP on CPU): "
+            "use accelerate_configs/ddp.yaml or a DeepSpeed config on CPU, FSDP on GPUs"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and dt != DistributedType.DEEPSPEED:
+        raise SystemExit(f"the launch config asks for DeepSpeed but accelerate set up {dt.value}")
+    world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if world != accelerator.num_processes:
+        raise SystemExit(f"WORLD_SIZE={world} but only {accelerator.num_processes} process(es) joined the group")
+    if expect_processes and accelerator.num_processes != expect_processes:
+        raise SystemExit(
+            f"--expect-processes {expect_processes} but {accelerator.num_processes} process(es) run "
+            "(on CPU, `accelerate launch --cpu --num_processes N` starts one: see accelerate_configs/ddp.yaml)"
+        )
 
 
 def _resolve_dtype(name: str, method: str, device: torch.device) -> torch.dtype:

@@ -40,13 +40,14 @@ class ProbeConfig:
     n_windows: int = option(8, "WikiText-2 windows scored (the first N, non-overlapping)")
     window_tokens: int = option(512, "tokens per perplexity window")
     mc_items: int = option(112, "multiple-choice items: the first mc_items/7 of each task in file order")
-    batch_size: int = option(8, "windows or choice sequences per forward")
+    batch_size: int = option(8, "choice sequences per forward")
+    windows_per_forward: int = option(1, "perplexity windows per forward (logits: window x 49k vocab x 4 bytes each)")
     kl: bool = option(False, "also measure KL(base || tuned) on the windows (needs the base model at hand)")
     text_file: str = option(str(ASSETS / "wikitext2_raw_test.txt"), "perplexity text")
     items_file: str = option(str(ASSETS / "probe_mix_800.jsonl"), "multiple-choice items (JSONL)")
 
     def __post_init__(self):
-        for name in ("n_windows", "window_tokens", "mc_items", "batch_size"):
+        for name in ("n_windows", "window_tokens", "mc_items", "batch_size", "windows_per_forward"):
             if getattr(self, name) < (2 if name == "window_tokens" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -313,7 +314,7 @@ def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None) -> dict:
     """
     started = time.perf_counter()
     text = Path(cfg.text_file).read_text(encoding="utf-8")
-    ppl = perplexity(model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.batch_size)
+    ppl = perplexity(model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.windows_per_forward)
     ppl_seconds = time.perf_counter() - started
     items = select_items(read_items(cfg.items_file), cfg.mc_items)
     mc = multiple_choice(model, tokenizer, items, cfg.batch_size)
@@ -331,7 +332,7 @@ def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None) -> dict:
     if cfg.kl and (base_model is not None or hasattr(model, "disable_adapter")):
         kl_started = time.perf_counter()
         result["kl"] = next_token_kl(
-            base_model, model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.batch_size
+            base_model, model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.windows_per_forward
         )
         seconds["kl"] = time.perf_counter() - kl_started
     result["seconds"] = {**seconds, "total": time.perf_counter() - started}

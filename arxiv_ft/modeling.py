@@ -155,8 +155,9 @@ def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], met
     out = Path(cfg.output_dir)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(train_model).model
-    # Under ZeRO-3 the full weights exist only gathered: every rank must take part in get_state_dict.
-    state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(train_model).items()}
+    # Under ZeRO-3 the full weights exist only gathered: every rank takes part; only the main one gets them.
+    full = accelerator.get_state_dict(train_model)
+    state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)

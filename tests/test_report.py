@@ -1,0 +1,100 @@
+"""The report from recorded ledgers (fabricated fixture numbers), ledger validation, and the TF-IDF baseline."""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+
+import pytest
+
+from arxiv_ft import baseline, report
+from tests.conftest import ASSETS, ROOT
+
+LEDGERS = ROOT / "tests" / "fixtures" / "ledgers"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _fixture(run_id: str) -> dict:
+    return json.loads((LEDGERS / run_id / "ledger.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    summary = report.main([str(LEDGERS), "--out", str(out), "--price-per-device-hour", "2.5"])
+    return out, summary
+
+
+def test_fixture_ledgers_are_valid():
+    for path in report.find_ledgers([LEDGERS]):
+        assert report.validate_ledger(json.loads(path.read_text())) == [], path
+
+
+def test_report_has_every_run_and_method_rows(built):
+    out, summary = built
+    md = (out / "report.md").read_text()
+    for run_id in ("lora-s0", "lora-s1", "lora-s2", "full-s0", "tfidf-svm-n630-s0"):
+        assert f"| {run_id} |" in md
+    lora = [_fixture(f"lora-s{s}") for s in range(3)]
+    acc = [d["task"]["after"]["accuracy"] for d in lora]
+    expected = f"{100 * statistics.mean(acc):.1f}% ± {100 * statistics.stdev(acc):.1f}%"
+    lora_row = next(line for line in md.splitlines() if line.startswith("| lora · "))
+    assert "| 3 (0, 1, 2) |" in lora_row and expected in lora_row
+    tfidf_row = next(line for line in md.splitlines() if line.startswith("| tfidf-svm-n630-s0 |"))
+    cells = [c.strip() for c in tfidf_row.strip("|").split("|")]
+    assert cells[4] == "61.4%" and cells[5] == "—"  # no "before", so no gain
+    assert cells[8:11] == ["—"] * 3 and cells[11] == "1 s"  # no forgetting probes; a wall time
+    assert cells[12:16] == ["—"] * 4 and cells[17] == "—"  # no device cost
+    assert "How to read the columns" in md and "FABRICATED" in md
+
+    groups = {g["method"]: g for g in summary["groups"]}
+    assert [g["method"] for g in summary["groups"]] == ["lora", "full", "tfidf-svm"]
+    assert groups["lora"]["acc_after"]["mean"] == pytest.approx(statistics.mean(acc))
+    assert groups["lora"]["acc_after"]["std"] == pytest.approx(statistics.stdev(acc))
+    assert groups["full"]["acc_after"]["std"] is None  # one seed: no spread to report
+    full = next(r for r in summary["runs"] if r["run_id"] == "full-s0")
+    assert full["cost"] == pytest.approx(_fixture("full-s0")["cost"]["device_hours"] * 2.5)
+    assert json.loads((out / "summary.json").read_text())["runs"][0]["run_id"] == summary["runs"][0]["run_id"]
+
+
+def test_plots_are_valid_pngs(built):
+    import matplotlib.image
+
+    out, summary = built
+    assert summary["plots"] == ["accuracy_vs_cost.png", "gain_vs_forgetting.png", "loss_curves.png"]
+    for name in summary["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_validation_names_the_problems(tmp_path):
+    good = _fixture("lora-s0")
+    assert report.validate_ledger(good) == []
+    bad = copy.deepcopy(good)
+    bad["method"] = "lorax"
+    bad["task"]["after"] = {"accuracy": "high"}
+    del bad["forgetting"]["delta"]["mc_delta"]
+    problems = report.validate_ledger(bad)
+    assert any("lorax" in p for p in problems) and any("task.after" in p for p in problems)
+    assert any("forgetting" in p for p in problems)
+    assert report.validate_ledger({"ledger_version": 1}) and report.validate_ledger([]) == ["not a JSON object"]
+
+    (tmp_path / "runs" / "broken").mkdir(parents=True)
+    (tmp_path / "runs" / "broken" / "ledger.json").write_text(json.dumps(bad))
+    with pytest.raises(report.LedgerError, match="broken"):
+        report.build_report([tmp_path / "runs", LEDGERS], tmp_path / "out")
+    summary = report.build_report([tmp_path / "runs", LEDGERS], tmp_path / "out", skip_invalid=True)
+    assert len(summary["runs"]) == 5 and len(summary["skipped"]) == 1
+
+
+def test_tfidf_baseline_on_shipped_samples_writes_a_ledger(tmp_path):
+    cfg = baseline.BaselineConfig(out=str(tmp_path / "tfidf" / "ledger.json"))
+    ledger = baseline.main(cfg)
+    assert ledger["data"]["n_train"] == 2100 and ledger["data"]["n_eval"] == 420
+    assert ledger["task"]["after"]["accuracy"] > 0.5  # chance is 1/21; the reference split gives ~0.69 at 2,000
+    assert report.validate_ledger(json.loads((tmp_path / "tfidf" / "ledger.json").read_text())) == []
+    assert (tmp_path / "tfidf" / "metrics.json").is_file()
+    assert len(ledger["data"]["labels"]) == len((ASSETS / "cs-labels.txt").read_text().split())

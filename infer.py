@@ -228,7 +228,7 @@ def resolve_task(cfg: InferConfig) -> tuple[list[str], str, int]:
     for key in ("template", "max_seq_tokens"):
         if key in trained and trained[key] != prompt[key]:
             raise SystemExit(f"{folder}: prompt.json says {key}={prompt[key]!r}, train_config.json {trained[key]!r}")
-    _known_template(prompt["template"], f"{folder}/prompt.json")
+    _known_template(prompt["template"], f"{folder}/prompt.json", " (was the model trained by another arxiv_ft?)")
     # Inference must not drift from training: an option that disagrees with the folder is an error, not an override.
     given = {"labels": cfg.labels and rec.label_set(cfg.labels, ""), "template": cfg.template}
     given["max_seq_tokens"] = cfg.max_seq_tokens
@@ -239,11 +239,11 @@ def resolve_task(cfg: InferConfig) -> tuple[list[str], str, int]:
     return labels, prompt["template"], prompt["max_seq_tokens"]
 
 
-def _known_template(template_id: str, where: str) -> None:
+def _known_template(template_id: str, where: str, hint: str = "") -> None:
     try:
         get_template(template_id)
     except ValueError as exc:
-        raise SystemExit(f"{where}: {exc}; it was made by another version of arxiv_ft") from None
+        raise SystemExit(f"{where}: {exc}{hint}") from None
 
 
 def expand_inputs(spec: str) -> list[Path]:

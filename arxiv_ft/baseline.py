@@ -20,6 +20,7 @@ from arxiv_ft import config as cfglib
 from arxiv_ft import records as rec
 from arxiv_ft.config import option
 from arxiv_ft.metrics import classification_metrics
+from arxiv_ft.report import LEDGER_VERSION, git_revision, package_versions
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -83,7 +84,7 @@ def run(cfg: BaselineConfig) -> tuple[dict, dict]:
     metrics = classification_metrics([r.primary for r in evals], list(predicted), labels)
     n_weights = int(pipeline[-1].coef_.size + pipeline[-1].intercept_.size)
     ledger = {
-        "ledger_version": 1,
+        "ledger_version": LEDGER_VERSION,
         "run_id": f"tfidf-{cfg.classifier}-n{len(train)}-s{cfg.seed}",
         "method": f"tfidf-{cfg.classifier}",
         "seed": cfg.seed,
@@ -116,28 +117,11 @@ def run(cfg: BaselineConfig) -> tuple[dict, dict]:
             "cost": None,
         },
         "train": {"loss_curve": [], "steps": 0},
-        "versions": _versions(),
-        "git_revision": _git_revision(),
+        "versions": package_versions("scikit-learn", "numpy"),
+        "git_revision": git_revision(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return ledger, metrics
-
-
-def _versions() -> dict:
-    import numpy
-    import sklearn
-
-    return {"python": sys.version.split()[0], "scikit-learn": sklearn.__version__, "numpy": numpy.__version__}
-
-
-def _git_revision() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
 
 
 def main(cfg: BaselineConfig) -> dict:

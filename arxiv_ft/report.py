@@ -113,6 +113,31 @@ def validate_ledger(d) -> list[str]:
     return problems
 
 
+def package_versions(*names: str) -> dict:
+    """Installed versions of the named distributions (None when absent), plus Python's: the ledger's `versions`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision(folder: str | Path | None = None) -> str | None:
+    """The commit checked out at `folder` (default: this package's), or None outside a git checkout."""
+    import subprocess
+
+    folder = Path(folder) if folder else Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
 def load_ledger(path: str | Path) -> dict:
     """Read and validate one ledger file; a problem is a LedgerError naming the file."""
     try:

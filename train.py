@@ -29,15 +29,17 @@ from transformers import get_scheduler
 from arxiv_ft import config as cfglib
 from arxiv_ft import records as rec
 from arxiv_ft.checkpoints import EXIT_PREEMPTED, GracefulStop, find_resume, load_checkpoint, save_checkpoint
-from arxiv_ft.config import option
+from arxiv_ft.config import option, save_json
 from arxiv_ft.config import to_dict as config_to_dict
 from arxiv_ft.data import BatchPlan, PromptBuilder, collate_left_padded, tokenize_records
+from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, forgetting_delta, run_probes
 from arxiv_ft.loss import AnswerLoss, loss_scale, target_token_count
-from arxiv_ft.metrics import classification_metrics, format_report, training_flops_per_token
+from arxiv_ft.metrics import classification_metrics, format_report, mfu, training_flops_per_token
 from arxiv_ft.modeling import (
     LLAMA_LINEAR_MODULES,
     PACKAGED_MODEL,
     apply_lora,
+    cache_dir,
     check_compatibility,
     count_parameters,
     load_model,
@@ -50,6 +52,7 @@ from arxiv_ft.modeling import (
     torch_dtype,
 )
 from arxiv_ft.prompts import DEFAULT_TEMPLATE, get_template
+from arxiv_ft.report import LEDGER_VERSION, git_revision, package_versions, validate_ledger
 from arxiv_ft.scoring import LabelScorer, generate_labels
 
 ASSETS = Path(__file__).resolve().parent / "arxiv_ft" / "assets"
@@ -98,6 +101,11 @@ class TrainConfig:
     eval_mode: str = option("score", "label scoring, free generation, or both", ("score", "generate", "both"))
     eval_batch_size: int = option(16, "papers per evaluation batch")
     log_every_steps: int = option(5, "print the loss every N optimizer steps")
+    probes: bool = option(True, "measure forgetting: WikiText-2 perplexity + general multiple choice, base vs tuned")
+    probe_windows: int = option(4, "forgetting probe: 512-token WikiText-2 windows")
+    probe_mc_items: int = option(70, "forgetting probe: multiple-choice items (spread over 7 tasks)")
+    price_per_device_hour: float = option(0.0, "turns device-hours into money in the ledger (0 = not priced)")
+    peak_tflops: float = option(0.0, "device peak TFLOP/s for MFU (0 = known GPUs only; CPUs have none)")
     output_dir: str = option("runs/default", "where the model/adapter, config, metrics and checkpoints go")
     # resumability
     checkpoint_every_steps: int = option(0, "save a resumable checkpoint every N steps (0 = only on a stop signal)")
@@ -205,6 +213,11 @@ def main(cfg: TrainConfig) -> dict:
         say(f"resumed from {resume_from} at step {state['step']}/{plan.steps}")
 
     metrics: dict = {"labels": labels, "n_train_examples": len(examples), "tokenize": vars(tok_stats)}
+    probe_cfg = ProbeConfig(n_windows=cfg.probe_windows, mc_items=cfg.probe_mc_items)
+    if cfg.probes:  # cached per base model + probe config: the base is probed once, not once per run
+        key = {"dtype": str(dtype), "device": accelerator.device.type, "quantized": cfg.method == "qlora"}
+        cache = cache_dir() / "probes"
+        metrics["probes_base"] = base_probes_cached(cfg.model, tokenizer, lambda: model, probe_cfg, cache, key)
     if state.get("before") is not None:
         metrics["before"] = state["before"]
     elif cfg.eval_before:
@@ -273,6 +286,14 @@ def main(cfg: TrainConfig) -> dict:
     tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
 
     metrics["after"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "fine-tuned")
+    if cfg.probes:
+        tuned = run_probes(model, tokenizer, probe_cfg)
+        delta = forgetting_delta(metrics["probes_base"], tuned)
+        metrics["forgetting"] = {"base": metrics.pop("probes_base"), "tuned": tuned, "delta": delta}
+        say(
+            f"forgetting: WikiText-2 perplexity {delta['ppl_before']:.2f} -> {delta['ppl_after']:.2f}, "
+            f"multiple choice {delta['mc_before']:.3f} -> {delta['mc_after']:.3f}"
+        )
     metrics["train"] = {
         "steps": plan.steps,
         "epochs": plan.steps * plan.step_size / len(examples),
@@ -283,17 +304,28 @@ def main(cfg: TrainConfig) -> dict:
         "tokens_per_second": tokens_seen / train_seconds,
         "flops_per_token": training_flops_per_token(n_total, n_trainable, cfg.method == "full"),
     }
+    wall = time.perf_counter() - started
+    device_hours = wall * world / 3600
+    peak = cfg.peak_tflops * 1e12 or _known_peak_flops(accelerator.device, dtype)
     metrics["cost"] = {
-        "wall_seconds": time.perf_counter() - started,
-        "device": str(accelerator.device.type),
+        "wall_seconds": wall,
+        "train_seconds": train_seconds,
+        "device": _device_name(accelerator.device),
         "num_processes": world,
+        "device_hours": device_hours,
+        "tokens_per_second": tokens_seen / train_seconds,
+        "mfu": mfu(metrics["train"]["flops_per_token"], tokens_seen / train_seconds / world, peak),
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
         "parameter_bytes": parameter_bytes(accelerator.unwrap_model(model)),
+        # Per device: this process's peak (every rank of a data-parallel run holds the same shapes).
         "peak_memory_bytes": _peak_memory(accelerator.device),
+        "price_per_device_hour": cfg.price_per_device_hour or None,
+        "cost": device_hours * cfg.price_per_device_hour if cfg.price_per_device_hour else None,
     }
     out = save_output(accelerator, train_model, tokenizer, cfg, labels, metrics)
     if accelerator.is_main_process:
+        write_ledger(out, cfg, metrics, len(examples), len(eval_records))
         say(f"saved to {out}")
         if cfg.merge and cfg.method != "full":
             say(f"merged model saved to {merge_adapter(out, out / 'merged')}")
@@ -384,6 +416,74 @@ def check_launch(accelerator, expect_processes: int) -> None:
             f"--expect-processes {expect_processes} but {accelerator.num_processes} process(es) run "
             "(on CPU, `accelerate launch --cpu --num_processes N` starts one: see accelerate_configs/ddp.yaml)"
         )
+
+
+def write_ledger(out: Path, cfg: TrainConfig, metrics: dict, n_train: int, n_eval: int) -> None:
+    """One self-describing record of the run for `python -m arxiv_ft.report` (see arxiv_ft/report.py)."""
+    from datetime import datetime, timezone
+
+    def task(which):
+        m = (metrics.get(which) or {}).get("score")
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} if m else None
+
+    cost = metrics["cost"]
+    saved = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    ledger = {
+        "ledger_version": LEDGER_VERSION,
+        "run_id": f"{cfg.method}-seed{cfg.seed}-{Path(cfg.output_dir).name}",
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "model": cfg.model,
+        "config": config_to_dict(cfg),
+        "data": {
+            "train_file": cfg.train_file,
+            "eval_file": cfg.eval_file,
+            "n_train": n_train,
+            "n_eval": n_eval,
+            "labels": metrics["labels"],
+        },
+        "task": {"before": task("before"), "after": task("after")},
+        "forgetting": metrics.get("forgetting"),
+        "cost": {
+            "wall_seconds": cost["wall_seconds"],
+            "train_seconds": cost["train_seconds"],
+            "device_type": cost["device"],
+            "device_count": cost["num_processes"],
+            "device_hours": cost["device_hours"],
+            "tokens_seen": metrics["train"]["tokens_seen"],
+            "tokens_per_second": cost["tokens_per_second"],
+            "mfu": cost["mfu"],
+            "peak_memory_bytes": cost["peak_memory_bytes"],
+            "trainable_parameters": cost["trainable_parameters"],
+            "total_parameters": cost["total_parameters"],
+            "saved_bytes": saved,
+            "price_per_device_hour": cost["price_per_device_hour"],
+            "cost": cost["cost"],
+        },
+        "train": {"loss_curve": metrics["train"]["loss_curve"], "steps": metrics["train"]["steps"]},
+        "versions": package_versions("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes"),
+        "git_revision": git_revision(Path(__file__).resolve().parent),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    problems = validate_ledger(ledger)
+    if problems:
+        raise RuntimeError(f"ledger does not validate: {problems}")
+    save_json(ledger, out / "ledger.json")
+
+
+# Dense bf16 peak FLOP/s of common training GPUs, for MFU (fp32 peaks are far lower; MFU is reported for bf16).
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+
+def _known_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in _PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _resolve_dtype(name: str, method: str, device: torch.device) -> torch.dtype:

@@ -98,7 +98,7 @@ class LabelScorer:
         positions = mask.long().cumsum(-1) - 1
         cache = None
         if n_prefix:
-            out = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            out = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
             kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
             cache = DynamicCache(
                 ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
@@ -127,8 +127,10 @@ class LabelScorer:
                 cache=out.past_key_values,
                 use_cache=True,
             )
-            logp = torch.log_softmax(out.logits.float(), dim=-1)  # [batch, nodes, vocab]
-            step = logp[:, tree.step_nodes.to(device), tree.step_tokens.to(device)]  # [batch, labels, steps]
+            logits = out.logits.float()  # [batch, nodes, vocab]
+            # log p = logit - logsumexp: gather the few needed logits instead of a full log-softmax copy.
+            nodes, tokens = tree.step_nodes.to(device), tree.step_tokens.to(device)
+            step = logits[:, nodes, tokens] - torch.logsumexp(logits, dim=-1)[:, nodes]  # [batch, labels, steps]
             scores = scores + (step * tree.step_valid.to(device)).sum(-1)
         return scores.cpu()
 

@@ -101,6 +101,7 @@ class TrainConfig:
     eval_mode: str = option("score", "label scoring, free generation, or both", ("score", "generate", "both"))
     eval_batch_size: int = option(16, "papers per evaluation batch")
     log_every_steps: int = option(5, "print the loss every N optimizer steps")
+    report_to: str = option("none", "also log curves to accelerate trackers: tensorboard, wandb, mlflow, comma list")
     probes: bool = option(True, "measure forgetting: WikiText-2 perplexity + general multiple choice, base vs tuned")
     probe_windows: int = option(4, "forgetting probe: 512-token WikiText-2 windows")
     probe_mc_items: int = option(70, "forgetting probe: multiple-choice items (spread over 7 tasks)")
@@ -127,7 +128,15 @@ def main(cfg: TrainConfig) -> dict:
     # gloo on CPU: without it accelerate + DeepSpeed miscount CPU processes (../shared/notes/cpu-stack.md).
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, kwargs_handlers=handlers)
+    trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        kwargs_handlers=handlers,
+        log_with=trackers or None,
+        project_dir=str(Path(cfg.output_dir) / "logs"),
+    )
+    if trackers:
+        accelerator.init_trackers("arxiv-ft", config=config_to_dict(cfg))
     check_launch(accelerator, cfg.expect_processes)
     dtype = _resolve_dtype(cfg.dtype, cfg.method, accelerator.device)
     # Before any data or model is loaded: refuse combinations that cannot work.
@@ -269,6 +278,7 @@ def main(cfg: TrainConfig) -> dict:
         losses.append(step_loss)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0]}, step=step + 1)
         if (step + 1) % cfg.log_every_steps == 0 or step + 1 == plan.steps:
             say(f"step {step + 1}/{plan.steps} loss {step_loss:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
         if stopper.should_stop(accelerator):
@@ -323,12 +333,20 @@ def main(cfg: TrainConfig) -> dict:
         "price_per_device_hour": cfg.price_per_device_hour or None,
         "cost": device_hours * cfg.price_per_device_hour if cfg.price_per_device_hour else None,
     }
+    for when in ("before", "after"):
+        if metrics.get(when) and "score" in metrics[when]:
+            score = metrics[when]["score"]
+            accelerator.log(
+                {f"eval_{when}/accuracy": score["accuracy"], f"eval_{when}/macro_f1": score["macro_f1"]},
+                step=plan.steps,
+            )
     out = save_output(accelerator, train_model, tokenizer, cfg, labels, metrics)
     if accelerator.is_main_process:
         write_ledger(out, cfg, metrics, len(examples), len(eval_records))
         say(f"saved to {out}")
         if cfg.merge and cfg.method != "full":
             say(f"merged model saved to {merge_adapter(out, out / 'merged')}")
+    accelerator.end_training()
     return metrics
 
 

@@ -125,6 +125,7 @@ class TrainConfig:
 
 def main(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
+    stopper = GracefulStop()  # first: a stop signal during start-up must not be lost
     # gloo on CPU: without it accelerate + DeepSpeed miscount CPU processes (../shared/notes/cpu-stack.md).
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
@@ -149,7 +150,6 @@ def main(cfg: TrainConfig) -> dict:
     )
     set_seed(cfg.seed)
     say = accelerator.print
-    stopper = GracefulStop()
 
     # Data: labels first, so an unknown label in the data fails before any model is loaded.
     labels = rec.label_set(cfg.labels, cfg.train_file)

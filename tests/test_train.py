@@ -172,3 +172,41 @@ def test_preset_values_apply_and_flags_override(tmp_path):
     preset.write_text("lr: 0.001\nmethod: full\nepochs: 2\n")
     cfg = cfglib.parse_config(train.TrainConfig, ["--config", str(preset), "--epochs", "3"], "")
     assert (cfg.lr, cfg.method, cfg.epochs) == (0.001, "full", 3.0)
+
+
+@pytest.mark.slow
+def test_real_smollm2_trains_and_reloads_identically(smollm2_path, tokenizer, tmp_path, monkeypatch):
+    """The real model through the whole path: GGUF-converted weights, LoRA, save, reload, identical scores."""
+    captured = {}
+    original = train.save_output
+
+    def capture(accelerator, train_model, *args):
+        captured["model"] = accelerator.unwrap_model(train_model).model
+        return original(accelerator, train_model, *args)
+
+    monkeypatch.setattr(train, "save_output", capture)
+    out = tmp_path / "real"
+    metrics = run(
+        [
+            "--model",
+            "smollm2-135m",
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--train-per-class",
+            "2",
+            "--eval-per-class",
+            "1",
+            "--eval-batch-size",
+            "21",
+            "--probes",
+            "false",
+        ]
+    )
+    assert metrics["train"]["loss_curve"][0] > metrics["train"]["loss_curve"][-1]
+    assert json.loads((out / "train_config.json").read_text())["model"] == "smollm2-135m"
+    reloaded = load_trained(out).eval()
+    torch.testing.assert_close(
+        predictions(reloaded, tokenizer, out, n=8), predictions(captured["model"].eval(), tokenizer, out, n=8)
+    )

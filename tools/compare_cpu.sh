@@ -13,7 +13,7 @@ mkdir -p "$RUNS" "$DOCS/ledgers"
 for run in lora:0 lora:1 qlora:0 full:0; do
   method=${run%%:*} seed=${run##*:}
   out="$RUNS/$method-seed$seed"
-  [ -f "$out/ledger.json" ] || "$PY" train.py --config "presets/compare-$method.yaml" --seed "$seed" --output-dir "$out"
+  [ -f "$out/ledger.json" ] || "$PY" train.py --config "presets/compare/$method.yaml" --seed "$seed" --output-dir "$out"
   cp "$out/ledger.json" "$DOCS/ledgers/$method-seed$seed.json"
 done
 "$PY" -m arxiv_ft.baseline --train-per-class 12 --eval-per-class 5 --out "$DOCS/ledgers/tfidf-svm.json"

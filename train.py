@@ -152,13 +152,9 @@ def main(cfg: TrainConfig) -> dict:
     say = accelerator.print
 
     # Data: labels first, so an unknown label in the data fails before any model is loaded.
-    labels = rec.label_set(cfg.labels, cfg.train_file)
-    train_records = rec.check_labels(rec.read_records(cfg.train_file), labels, cfg.train_file)
-    eval_records = rec.check_labels(rec.read_records(cfg.eval_file), labels, cfg.eval_file)
-    if cfg.train_per_class:
-        train_records = rec.per_class_sample(train_records, cfg.train_per_class, cfg.seed)
-    if cfg.eval_per_class:
-        eval_records = rec.per_class_sample(eval_records, cfg.eval_per_class, seed=0)
+    labels, train_records, eval_records = rec.load_task(
+        cfg.labels, cfg.train_file, cfg.eval_file, cfg.train_per_class, cfg.eval_per_class, cfg.seed
+    )
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     builder = PromptBuilder(tokenizer, get_template(cfg.template), labels, cfg.max_seq_tokens)
     examples, tok_stats = tokenize_records(builder, train_records)

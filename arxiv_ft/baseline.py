@@ -62,14 +62,7 @@ def build_classifier(cfg: BaselineConfig):
 
 def load_split(cfg: BaselineConfig) -> tuple[list[str], list[rec.Record], list[rec.Record]]:
     """Labels, training and evaluation records, sampled per class exactly as train.py samples them."""
-    labels = rec.label_set(cfg.labels, cfg.train_file)
-    train = rec.check_labels(rec.read_records(cfg.train_file), labels, cfg.train_file)
-    evals = rec.check_labels(rec.read_records(cfg.eval_file), labels, cfg.eval_file)
-    if cfg.train_per_class:
-        train = rec.per_class_sample(train, cfg.train_per_class, cfg.seed)
-    if cfg.eval_per_class:
-        evals = rec.per_class_sample(evals, cfg.eval_per_class, seed=0)
-    return labels, train, evals
+    return rec.load_task(cfg.labels, cfg.train_file, cfg.eval_file, cfg.train_per_class, cfg.eval_per_class, cfg.seed)
 
 
 def run(cfg: BaselineConfig) -> tuple[dict, dict]:

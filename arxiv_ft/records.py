@@ -213,3 +213,21 @@ def label_set(spec: str, train_file: str | Path) -> list[str]:
     if len(labels) < 2:
         raise ValueError(f"label set {spec!r}: not a file, not top:K, and fewer than 2 comma-separated labels")
     return labels
+
+
+def load_task(
+    labels_spec: str, train_file: str, eval_file: str, train_per_class: int, eval_per_class: int, seed: int
+) -> tuple[list[str], list[Record], list[Record]]:
+    """Label set, training and evaluation records, each checked against the labels and sampled per class.
+
+    Training papers are sampled with the run's seed; evaluation papers always with seed 0, so every run and the
+    TF-IDF baseline are scored on the same papers.
+    """
+    labels = label_set(labels_spec, train_file)
+    train = check_labels(read_records(train_file), labels, str(train_file))
+    evals = check_labels(read_records(eval_file), labels, str(eval_file))
+    if train_per_class:
+        train = per_class_sample(train, train_per_class, seed)
+    if eval_per_class:
+        evals = per_class_sample(evals, eval_per_class, seed=0)
+    return labels, train, evals

@@ -44,7 +44,7 @@ from arxiv_ft.arxiv_api import ArxivClient
 from arxiv_ft.config import option
 from arxiv_ft.data import PromptBuilder
 from arxiv_ft.metrics import classification_metrics
-from arxiv_ft.modeling import load_model, load_tokenizer, load_trained, torch_dtype
+from arxiv_ft.modeling import load_model, load_tokenizer, load_trained, set_cpu_threads, torch_dtype
 from arxiv_ft.prompts import DEFAULT_TEMPLATE, get_template
 from arxiv_ft.scoring import LabelScorer, generate_labels
 
@@ -77,6 +77,7 @@ class InferConfig:
     max_new_tokens: int = option(8, "with --mode generate: tokens generated per paper")
     batch_size: int = option(16, "papers per forward pass per process")
     window_batches: int = option(64, "batches read ahead and sorted by prompt length (less padding)")
+    cpu_threads: int = option(0, "CPU only: torch threads per process (0 = usable cores / local processes)")
     # output
     output: str = option("predictions.jsonl", "merged predictions (.jsonl, or .parquet when pyarrow is installed)")
     max_reject_fraction: float = option(0.01, "exit 3 if more than this fraction of input items is rejected")
@@ -99,6 +100,8 @@ def main(cfg: InferConfig) -> dict:
     # ACCELERATE_USE_CPU: what Accelerator() reads, but PartialState() alone ignores (it then starts 1 process).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     rank, world = state.process_index, state.num_processes
+    if state.device.type == "cpu":
+        set_cpu_threads(cfg.cpu_threads)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != world:
         raise SystemExit(f"launcher says WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate started {world}")
     out = Path(cfg.output)

@@ -49,6 +49,7 @@ from arxiv_ft.modeling import (
     prepare_for_kbit,
     quantization_config,
     save_output,
+    set_cpu_threads,
     torch_dtype,
 )
 from arxiv_ft.prompts import DEFAULT_TEMPLATE, get_template
@@ -113,6 +114,7 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "how many complete checkpoints to keep")
     resume: str = option("auto", "'auto' = newest complete checkpoint in output_dir if any, 'none', or a path")
     merge: bool = option(False, "LoRA/QLoRA: also save the adapter merged into a full model in output_dir/merged")
+    cpu_threads: int = option(0, "CPU only: torch threads per process (0 = usable cores / local processes)")
     expect_processes: int = option(0, "refuse to run unless this many processes joined (0 = trust the launcher)")
 
     def __post_init__(self):
@@ -139,6 +141,8 @@ def main(cfg: TrainConfig) -> dict:
     if trackers:
         accelerator.init_trackers("arxiv-ft", config=config_to_dict(cfg))
     check_launch(accelerator, cfg.expect_processes)
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.cpu_threads)
     dtype = _resolve_dtype(cfg.dtype, cfg.method, accelerator.device)
     # Before any data or model is loaded: refuse combinations that cannot work.
     check_compatibility(

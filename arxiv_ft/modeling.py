@@ -80,6 +80,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return tokenizer
 
 
+def set_cpu_threads(requested: int = 0) -> int:
+    """Torch threads for a CPU process: `requested`, else the usable cores shared among this node's processes.
+
+    `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which idles all but one core.
+    """
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = requested or max(1, len(os.sched_getaffinity(0)) // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
     try:

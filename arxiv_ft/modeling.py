@@ -199,7 +199,8 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _storage_dtype(name: str) -> torch.dtype:
+def storage_dtype(name: str) -> torch.dtype:
+    """QLoRA's packed-weight storage dtype by name: uint8 (bitsandbytes' default) or a float dtype."""
     return torch.uint8 if name == "uint8" else torch_dtype(name)
 
 
@@ -216,7 +217,7 @@ def load_trained(output_dir: str | Path, dtype: torch.dtype = torch.float32, tru
     cfg = json.loads((output_dir / "train_config.json").read_text())
     quant = None
     if cfg["method"] == "qlora":
-        quant = quantization_config(dtype, _storage_dtype(cfg.get("bnb_quant_storage", "uint8")))
+        quant = quantization_config(dtype, storage_dtype(cfg.get("bnb_quant_storage", "uint8")))
     device_map = "cpu" if quant is not None and not torch.cuda.is_available() else None
     base = load_model(cfg["model"], dtype, trust_remote_code, quantization_config=quant, device_map=device_map)
     return PeftModel.from_pretrained(base, output_dir)
@@ -229,7 +230,7 @@ def dequantized_base(name_or_path: str, quant_storage: str, dtype: torch.dtype =
     quantized = load_model(
         name_or_path,
         dtype,
-        quantization_config=quantization_config(dtype, _storage_dtype(quant_storage)),
+        quantization_config=quantization_config(dtype, storage_dtype(quant_storage)),
         device_map="cpu" if not torch.cuda.is_available() else None,
     )
     model = load_model(name_or_path, dtype)

@@ -53,8 +53,8 @@ def predictions(model, tokenizer, out_dir, n=21):
     return scorer.score_prompts([p for p in prompts if p is not None])
 
 
-def test_lora_trains_only_the_adapter_and_reloads_identically(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    base_before = weights(load_model(tiny_model_dir))
+def capture_trained_model(monkeypatch) -> dict:
+    """Make train.main hand over its in-memory model (as it is just before saving) in the returned dict."""
     captured = {}
     original = train.save_output
 
@@ -63,6 +63,12 @@ def test_lora_trains_only_the_adapter_and_reloads_identically(tiny_model_dir, to
         return original(accelerator, train_model, *args)
 
     monkeypatch.setattr(train, "save_output", capture)
+    return captured
+
+
+def test_lora_trains_only_the_adapter_and_reloads_identically(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    base_before = weights(load_model(tiny_model_dir))
+    captured = capture_trained_model(monkeypatch)
     out = tmp_path / "lora"
     metrics = run(["--model", tiny_model_dir, "--output-dir", str(out), "--lr", "1e-2", *FAST])
     model = captured["model"]
@@ -177,14 +183,7 @@ def test_preset_values_apply_and_flags_override(tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_trains_and_reloads_identically(smollm2_path, tokenizer, tmp_path, monkeypatch):
     """The real model through the whole path: GGUF-converted weights, LoRA, save, reload, identical scores."""
-    captured = {}
-    original = train.save_output
-
-    def capture(accelerator, train_model, *args):
-        captured["model"] = accelerator.unwrap_model(train_model).model
-        return original(accelerator, train_model, *args)
-
-    monkeypatch.setattr(train, "save_output", capture)
+    captured = capture_trained_model(monkeypatch)
     out = tmp_path / "real"
     metrics = run(
         [

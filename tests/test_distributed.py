@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def common(model_dir: str, method: str = "full") -> list[str]:
+def common(model_dir: str, method: str = "full", steps: int = 4) -> list[str]:
     lr = "1e-3" if method == "full" else "1e-2"
     return [
         "--model",
@@ -49,7 +49,7 @@ def common(model_dir: str, method: str = "full") -> list[str]:
         "--eval-before",
         "false",
         "--max-steps",
-        "4",
+        str(steps),
         "--lora-dropout",
         "0",
         "--eval-batch-size",

@@ -22,7 +22,7 @@ import pytest
 
 from arxiv_ft.checkpoints import complete_checkpoints
 from tests.conftest import ASSETS, ROOT
-from tests.test_distributed import assert_same_run
+from tests.test_distributed import assert_same_run, common
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -36,26 +36,7 @@ LIMITS = ["--time=8", "--signal=B:USR1@60"]
 
 def train_args(model_dir: str, out: Path, batch_size: int, *extra: str) -> list[str]:
     return [
-        "--model",
-        model_dir,
-        "--method",
-        "full",
-        "--lr",
-        "1e-3",
-        "--train-per-class",
-        "4",
-        "--eval-per-class",
-        "1",
-        "--max-seq-tokens",
-        "160",
-        "--eval-before",
-        "false",
-        "--max-steps",
-        str(STEPS),
-        "--lora-dropout",
-        "0",
-        "--eval-batch-size",
-        "8",
+        *common(model_dir, "full", STEPS),
         "--log-every-steps",
         "1",
         "--batch-size",

@@ -498,6 +498,15 @@ def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no runs with {what}", ha="center", va="center", transform=ax.transAxes)
 
 
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def plot_accuracy_vs_cost(rows: list[dict], path: Path, cost_axis: str = "auto") -> str:
     """Task accuracy after training against device-hours (or wall seconds); runs without cost as lines."""
     import matplotlib.pyplot as plt
@@ -531,10 +540,7 @@ def plot_accuracy_vs_cost(rows: list[dict], path: Path, cost_axis: str = "auto")
     if points or lines or before:
         ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_gain_vs_forgetting(rows: list[dict], path: Path) -> str:
@@ -562,10 +568,7 @@ def plot_gain_vs_forgetting(rows: list[dict], path: Path) -> str:
             ax.legend(fontsize=8)
     axes[0].set_ylabel("task accuracy gain (pp)")
     fig.suptitle("Task gain vs forgetting (forgot: perplexity Δ > 0, multiple-choice Δ < 0)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_loss_curves(rows: list[dict], path: Path) -> str:
@@ -590,10 +593,7 @@ def plot_loss_curves(rows: list[dict], path: Path) -> str:
     ax.set_ylabel("training loss (mean per target token)")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ the report

@@ -18,4 +18,4 @@ for run in lora:0 lora:1 qlora:0 full:0; do
 done
 "$PY" -m arxiv_ft.baseline --train-per-class 12 --eval-per-class 5 --out "$DOCS/ledgers/tfidf-svm.json"
 rm -f "$DOCS/ledgers/metrics.json"  # the baseline's per-class details; the ledger holds what the report needs
-"$PY" -m arxiv_ft.report "$DOCS/ledgers" --out "$DOCS"
+"$PY" -m arxiv_ft.report "$DOCS"/ledgers/*.json --out "$DOCS"

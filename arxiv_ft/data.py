@@ -154,7 +154,7 @@ def tokenize_records(builder: PromptBuilder, records: list[Record]) -> tuple[lis
 
 
 def collate_left_padded(examples: list[Example], pad_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
-    """Left-pad so every row's target ends at the last column: the loss then needs only the last few logits.
+    """Left-pad (as scoring and generation do), so every row ends at the last column.
 
     Position ids count real tokens only, so a left-padded row computes exactly what it computes alone.
     `skip_prefix` drops that many leading tokens every example shares (see loss.AnswerLoss).
@@ -172,6 +172,24 @@ def collate_left_padded(examples: list[Example], pad_id: int, skip_prefix: int =
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
+
+
+def collate_packed(examples: list[Example], skip_prefix: int = 0) -> dict[str, torch.Tensor]:
+    """One row, no padding: the examples end to end, position ids restarting at 0 for each.
+
+    `segment_ids` numbers the example each token belongs to; loss.AnswerLoss turns them into a block-diagonal causal
+    mask, so a token attends only to its own example (and the shared prefix) and the row computes exactly what the
+    examples compute alone. An example's first token is always prompt, so no target is predicted across a boundary.
+    """
+    input_ids, labels, position_ids, segment_ids = [], [], [], []
+    for i, ex in enumerate(examples):
+        ids = ex.input_ids[skip_prefix:]
+        input_ids += ids
+        labels += ex.labels[skip_prefix:]
+        position_ids += range(len(ids))
+        segment_ids += [i] * len(ids)
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segment_ids": segment_ids}
+    return {k: torch.tensor([v], dtype=torch.long) for k, v in batch.items()}
 
 class BatchPlan:
     """Which examples each optimizer step uses: a pure function of (examples, seed, step).

@@ -1,4 +1,5 @@
-"""The loss: only target positions, the windowed head equals the full head, accumulation equals a large batch."""
+"""The loss: only target positions, the gathered head equals the full head, packed equals padded, accumulation
+equals a large batch."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arxiv_ft.data import IGNORE_INDEX, PromptBuilder, collate_left_padded, tokenize_records
-from arxiv_ft.loss import AnswerLoss, logits_window, loss_scale, summed_loss, target_token_count
+from arxiv_ft.data import IGNORE_INDEX, PromptBuilder, collate_left_padded, collate_packed, tokenize_records
+from arxiv_ft.loss import AnswerLoss, loss_scale, predicting_positions, summed_loss, target_token_count
 from arxiv_ft.modeling import LLAMA_LINEAR_MODULES, apply_lora
 from arxiv_ft.prompts import get_template
 from tests.conftest import make_tiny_llama
@@ -29,37 +30,79 @@ def reference_loss(model, batch):
     )
 
 
-def test_windowed_loss_equals_full_vocabulary_reference(tokenizer, examples):
+def test_gathered_head_loss_equals_full_vocabulary_reference(tokenizer, examples):
     exs, _ = examples
     model = make_tiny_llama(tokenizer)
     batch = collate_left_padded(exs, tokenizer.pad_token_id)
     fast = AnswerLoss(model)(**batch)
-    assert logits_window(batch["labels"]) == max(len(e.target_ids) for e in exs) + 1
+    assert int(predicting_positions(batch["labels"]).sum()) == sum(len(e.target_ids) for e in exs)
     torch.testing.assert_close(fast, reference_loss(model, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_shared_prefix_gives_the_same_loss_and_gradients(tokenizer, examples):
-    exs, builder = examples
+def lora_model(tokenizer):
     model = apply_lora(make_tiny_llama(tokenizer), 4, 8, 0.0, LLAMA_LINEAR_MODULES)
     for p in model.parameters():  # make LoRA B non-zero so every adapter weight gets a gradient
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
-    results = []
+    return model
+
+
+def loss_and_grads(model, loss_fn, batch):
+    model.zero_grad()
+    loss = loss_fn(**batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    for x, y in zip(a[1], b[1], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(tokenizer, examples):
+    exs, builder = examples
+    model = lora_model(tokenizer)
     prefix = builder.shared_prefix_ids()
-    for pre in (prefix, []):
-        model.zero_grad()
-        loss = AnswerLoss(model, pre)(**collate_left_padded(exs, tokenizer.pad_token_id, len(pre)))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    shared = loss_and_grads(model, AnswerLoss(model, prefix), collate_left_padded(exs, tokenizer.pad_token_id, len(prefix)))
+    plain = loss_and_grads(model, AnswerLoss(model), collate_left_padded(exs, tokenizer.pad_token_id))
+    assert_same(shared, plain)
 
 
-def test_targets_outside_the_window_are_refused():
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_packed_batch_gives_the_padded_loss_and_gradients(tokenizer, examples, share_prefix):
+    """No padding, position ids restarting per example, block-diagonal attention: the same numbers as padding."""
+    exs, builder = examples
+    model = lora_model(tokenizer)
+    prefix = builder.shared_prefix_ids() if share_prefix else []
+    loss_fn = AnswerLoss(model, prefix)
+    packed_batch = collate_packed(exs, len(prefix))
+    assert packed_batch["input_ids"].shape == (1, sum(len(e.input_ids) - len(prefix) for e in exs))
+    packed = loss_and_grads(model, loss_fn, packed_batch)
+    padded = loss_and_grads(model, loss_fn, collate_left_padded(exs, tokenizer.pad_token_id, len(prefix)))
+    assert_same(packed, padded)
+
+
+def test_packed_examples_cannot_see_each_other(tokenizer, examples):
+    """Changing the first example's tokens leaves the second example's loss unchanged, in either order."""
+    exs, _ = examples
+    model = make_tiny_llama(tokenizer)
+    a, b = exs[0], exs[1]
+    changed = type(a)(a.id, a.label, [a.prompt_ids[0]] + [7] * (len(a.prompt_ids) - 1), a.target_ids)
+    alone_b = AnswerLoss(model)(**collate_packed([b]))
+    for first in (a, changed):
+        both = AnswerLoss(model)(**collate_packed([first, b]))
+        torch.testing.assert_close(both - AnswerLoss(model)(**collate_packed([first])), alone_b, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_must_be_predicted_and_gathered():
+    with pytest.raises(ValueError, match="starts with a target"):
+        predicting_positions(torch.tensor([[5, IGNORE_INDEX]]))
+    with pytest.raises(ValueError, match="no target"):
+        predicting_positions(torch.full((2, 3), IGNORE_INDEX))
     labels = torch.tensor([[IGNORE_INDEX, 5, IGNORE_INDEX, IGNORE_INDEX, 7]])
-    with pytest.raises(ValueError, match="outside the last"):
-        summed_loss(torch.zeros(1, 2, 10), labels)
+    with pytest.raises(ValueError, match="2 targets"):
+        summed_loss(torch.zeros(3, 10), labels)
 
 
 def test_accumulation_gives_the_large_batch_gradient(tokenizer, examples):

@@ -287,6 +287,8 @@ def _num(x, digits: int = 2, signed: bool = False) -> str:
 def _duration(seconds) -> str:
     if seconds is None:
         return DASH
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

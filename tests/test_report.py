@@ -44,7 +44,7 @@ def test_report_has_every_run_and_method_rows(built):
     tfidf_row = next(line for line in md.splitlines() if line.startswith("| tfidf-svm-n630-s0 |"))
     cells = [c.strip() for c in tfidf_row.strip("|").split("|")]
     assert cells[4] == "61.4%" and cells[5] == "—"  # no "before", so no gain
-    assert cells[8:11] == ["—"] * 3 and cells[11] == "1 s"  # no forgetting probes; a wall time
+    assert cells[8:11] == ["—"] * 3 and cells[11] == "1.4 s"  # no forgetting probes; a wall time
     assert cells[12:16] == ["—"] * 4 and cells[17] == "—"  # no device cost
     assert "How to read the columns" in md and "FABRICATED" in md
 

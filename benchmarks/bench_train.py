@@ -4,7 +4,8 @@
     python benchmarks/bench_train.py --device cuda --methods full,lora,qlora --steps 20 --warmup 3   # GPU
 
 Implementations (--impls): `project` = train.py's step (AnswerLoss: shared prefix once per micro-batch, left padding,
-logits for the targets only; length-grouped BatchPlan); `hf` = the model called with `labels=` (full-vocabulary
+logits for the targets only; length-grouped BatchPlan); `packed` = the same step with each batch packed into one
+row without padding (`--packing`: block-diagonal attention mask, same examples); `hf` = the model called with `labels=` (full-vocabulary
 logits and loss) on right-padded batches in random order; `trl` / `trl-pf` = TRL's SFTTrainer with completion-only
 loss (pre-tokenised: the same ids and labels), without / with `padding_free`. Every step is forward + backward +
 clipping + AdamW. Each (method, impl) runs in a fresh subprocess, so its peak memory is its own.
@@ -28,12 +29,12 @@ from pathlib import Path
 import common
 import torch
 
-from arxiv_ft.data import IGNORE_INDEX, BatchPlan, Example, collate_left_padded, tokenize_records
+from arxiv_ft.data import IGNORE_INDEX, BatchPlan, Example, collate_left_padded, collate_packed, tokenize_records
 from arxiv_ft.loss import AnswerLoss, loss_scale, target_token_count
 from arxiv_ft.metrics import mfu, training_flops_per_token
 from arxiv_ft.modeling import apply_lora, count_parameters, prepare_for_kbit, quantization_config
 
-IMPLS = ("hf", "project", "trl", "trl-pf")
+IMPLS = ("hf", "project", "packed", "trl", "trl-pf")
 
 
 def right_padded(examples, pad_id: int) -> dict[str, torch.Tensor]:
@@ -92,7 +93,8 @@ def run_variant(args, method: str, impl: str) -> dict:
     (n_trainable, n_total), pad = count_parameters(model), tokenizer.pad_token_id
     autocast = torch.autocast(args.device, torch.bfloat16, enabled=method == "full" and dtype == torch.bfloat16)
     n_steps = args.warmup + args.steps
-    plan = BatchPlan(examples, args.batch_size, 1, 1.0, 0, args.seed, group_by_length=impl == "project")
+    ours = impl in ("project", "packed")
+    plan = BatchPlan(examples, args.batch_size, 1, 1.0, 0, args.seed, group_by_length=ours)
     batches = [plan.step_batches(step % plan.steps)[0] for step in range(n_steps)]
     prefix = builder.shared_prefix_ids()
     out = {"method": method, "impl": impl, "trainable_params": n_trainable, "total_params": n_total}
@@ -101,7 +103,8 @@ def run_variant(args, method: str, impl: str) -> dict:
     if impl.startswith("trl"):
         times, tokens, base = run_trl(args, model, tokenizer, examples, method, dtype, impl == "trl-pf", n_steps)
     else:
-        loss_module = AnswerLoss(model, prefix).to(args.device) if impl == "project" else None
+        loss_module = AnswerLoss(model, prefix).to(args.device) if ours else None
+        collate = collate_packed if impl == "packed" else lambda exs, skip: collate_left_padded(exs, pad, skip)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr)
         base = common.reset_peak_memory(args.device)
@@ -111,7 +114,7 @@ def run_variant(args, method: str, impl: str) -> dict:
             started = time.perf_counter()
             with autocast:
                 if loss_module is not None:
-                    batch = {k: v.to(args.device) for k, v in collate_left_padded(exs, pad, len(prefix)).items()}
+                    batch = {k: v.to(args.device) for k, v in collate(exs, len(prefix)).items()}
                     loss = loss_module(**batch) * loss_scale(target_token_count(batch["labels"]), 1, 1)
                 else:
                     loss = model(**{k: v.to(args.device) for k, v in right_padded(exs, pad).items()}).loss

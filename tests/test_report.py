@@ -98,3 +98,13 @@ def test_tfidf_baseline_on_shipped_samples_writes_a_ledger(tmp_path):
     assert report.validate_ledger(json.loads((tmp_path / "tfidf" / "ledger.json").read_text())) == []
     assert (tmp_path / "tfidf" / "metrics.json").is_file()
     assert len(ledger["data"]["labels"]) == len((ASSETS / "cs-labels.txt").read_text().split())
+
+
+def test_committed_cpu_report_rebuilds_from_its_ledgers(tmp_path, monkeypatch):
+    """docs/results/cpu-smollm2/report.md is what the report code makes of the committed ledgers (real runs)."""
+    committed = ROOT / "docs" / "results" / "cpu-smollm2"
+    monkeypatch.chdir(ROOT)  # the report lists its sources as given: relative, as tools/compare_cpu.sh passes them
+    ledgers = sorted(str(p.relative_to(ROOT)) for p in (committed / "ledgers").glob("*.json"))
+    assert len(ledgers) == 5
+    report.main([*ledgers, "--out", str(tmp_path)])
+    assert (tmp_path / "report.md").read_text() == (committed / "report.md").read_text()

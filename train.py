@@ -229,6 +229,8 @@ def main(cfg: TrainConfig) -> dict:
     probe_cfg = ProbeConfig(n_windows=cfg.probe_windows, mc_items=cfg.probe_mc_items)
     if cfg.probes:  # cached per base model + probe config: the base is probed once, not once per run
         key = {"dtype": str(dtype), "device": accelerator.device.type, "quantized": cfg.method == "qlora"}
+        if cfg.method == "qlora":  # the base is probed through the kernel training uses (see prepare_for_kbit)
+            key["kernel"] = "dequantize-matmul"
         cache = cache_dir() / "probes"
         metrics["probes_base"] = base_probes_cached(cfg.model, tokenizer, lambda: model, probe_cfg, cache, key)
     if state.get("before") is not None:

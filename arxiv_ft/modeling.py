@@ -136,9 +136,20 @@ def quantization_config(compute_dtype: torch.dtype, quant_storage: torch.dtype):
 
 
 def prepare_for_kbit(model, gradient_checkpointing: bool):
-    """peft's k-bit preparation: fp32 norms/embeddings, input grads for checkpointing; the 4-bit base is frozen."""
+    """peft's k-bit preparation: fp32 norms/embeddings, input grads for checkpointing; the 4-bit base is frozen.
+
+    Also turns off bitsandbytes' CPU repacking. On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit
+    layer's weights for a faster inference kernel on its first eval-mode no-grad forward, for good, and that kernel
+    has no backward: training after an evaluation (train.py evaluates and probes the base first) then gets wrong
+    gradients through every frozen layer (LoRA-A gradients were off by 30-100%; tests/test_qlora.py). A model
+    that will be trained keeps the de-quantise + matmul path, which has one.
+    """
+    import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
 
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 

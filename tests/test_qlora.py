@@ -13,7 +13,18 @@ import torch
 
 import train
 from arxiv_ft import config as cfglib
-from arxiv_ft.modeling import LAUNCHES, IncompatibleLaunch, check_compatibility, load_model, load_trained, merge_adapter
+from arxiv_ft.modeling import (
+    LAUNCHES,
+    LLAMA_LINEAR_MODULES,
+    IncompatibleLaunch,
+    apply_lora,
+    check_compatibility,
+    dequantized_base,
+    load_model,
+    load_trained,
+    merge_adapter,
+    prepare_for_kbit,
+)
 from tests.conftest import ROOT
 from tests.test_train import FAST, predictions
 
@@ -75,6 +86,7 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_unchanged(qlora_run, 
         quantization_config=train.quantization_config(torch.float32, torch.uint8),
         device_map="cpu",
     )
+    fresh = prepare_for_kbit(fresh, False)  # read through the kernel training uses, as `captured` was
     fresh_packed = {n: dequantized(m) for n, m in fresh.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(fresh_packed) == 14  # 7 projections x 2 layers are nf4
     for name, packed in captured["packed"].items():
@@ -85,6 +97,34 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_unchanged(qlora_run, 
     assert all(p.dtype == torch.float32 for p in lora_b)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cost"]["parameter_bytes"] < _fp32_bytes(tiny_model_dir)  # embeddings stay fp32 here
+
+
+def test_qlora_gradients_after_an_evaluation_equal_lora_on_the_dequantised_base(tiny_model_dir):
+    """train.py evaluates and probes the 4-bit base before training: that must not change the training backward.
+
+    (bitsandbytes' CPU inference repacking has no backward; prepare_for_kbit keeps it off. Without that, on an
+    AVX512-BF16 CPU like this project's, the LoRA-A gradients here were off by 30-100%.)
+    """
+    quant = train.quantization_config(torch.float32, torch.uint8)
+    models = [
+        prepare_for_kbit(load_model(tiny_model_dir, quantization_config=quant, device_map="cpu"), False),
+        dequantized_base(tiny_model_dir, "uint8"),
+    ]
+    models = [apply_lora(m, 4, 8, 0.0, LLAMA_LINEAR_MODULES) for m in models]
+    torch.manual_seed(1)
+    adapters = [[p for p in m.parameters() if p.requires_grad] for m in models]
+    with torch.no_grad():
+        for p, same in zip(*adapters, strict=True):  # non-zero B, so A gets gradients through the base
+            p.copy_(same.copy_(torch.randn_like(p) * 0.05))
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        models[0].eval()(input_ids=ids)  # what an evaluation does first
+    grads = []
+    for m in models:
+        m.train()(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    for got, expected in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-5)
 
 
 def _fp32_bytes(model_dir):

@@ -140,7 +140,7 @@ def main(cfg: TrainConfig) -> dict:
         kwargs_handlers=handlers,
         log_with=trackers or None,
         project_dir=str(Path(cfg.output_dir) / "logs"),
-        # One compiled graph reused by every decoder layer: compiles in seconds, not minutes (torchtune's recipe).
+        # Regional compilation: one graph compiled once and reused by every decoder layer (a shorter cold start).
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if cfg.compile else None,
     )
     if trackers:

@@ -173,7 +173,6 @@ def collate_left_padded(examples: list[Example], pad_id: int, skip_prefix: int =
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
 
-
 def collate_packed(examples: list[Example], skip_prefix: int = 0) -> dict[str, torch.Tensor]:
     """One row, no padding: the examples end to end, position ids restarting at 0 for each.
 
@@ -190,6 +189,7 @@ def collate_packed(examples: list[Example], skip_prefix: int = 0) -> dict[str, t
         segment_ids += [i] * len(ids)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segment_ids": segment_ids}
     return {k: torch.tensor([v], dtype=torch.long) for k, v in batch.items()}
+
 
 class BatchPlan:
     """Which examples each optimizer step uses: a pure function of (examples, seed, step).

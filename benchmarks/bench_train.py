@@ -5,11 +5,12 @@
 
 Implementations (--impls): `project` = train.py's step (AnswerLoss: shared prefix once per micro-batch, left padding,
 logits for the targets only; length-grouped BatchPlan); `packed` = the same step with each batch packed into one
-row without padding (`--packing`: block-diagonal attention mask, same examples); `hf` = the model called with `labels=` (full-vocabulary
-logits and loss) on right-padded batches in random order; `trl` / `trl-pf` = TRL's SFTTrainer with completion-only
-loss (pre-tokenised: the same ids and labels), without / with `padding_free`. Every step is forward + backward +
-clipping + AdamW. Each (method, impl) runs in a fresh subprocess, so its peak memory is its own.
-Tokens/s counts real tokens (non-padding, shared prefix included) of the examples each step trained on.
+row without padding (`--packing`: block-diagonal attention mask, same examples); `hf` = the model called with
+`labels=` (full-vocabulary logits and loss) on right-padded batches in random order; `trl` / `trl-pf` = TRL's
+SFTTrainer with completion-only loss (pre-tokenised: the same ids and labels), without / with `padding_free`.
+Every step is forward + backward + clipping + AdamW. Each (method, impl) runs in a fresh subprocess, so its peak
+memory is its own. Tokens/s counts real tokens (non-padding, shared prefix included) of the examples each step
+trained on.
 """
 
 from __future__ import annotations

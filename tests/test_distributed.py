@@ -72,19 +72,16 @@ def single(model_dir, out, method="full", extra=()):
     return json.loads((out / "metrics.json").read_text())
 
 
+def accelerate_train(config: str, processes: int, *train_args: str) -> list[str]:
+    """The command line of `accelerate launch` with a shipped config running train.py, on a free port."""
+    launcher = [ACCELERATE, "launch", "--config_file", f"accelerate_configs/{config}", "--num_processes"]
+    return [*launcher, str(processes), "--main_process_port", str(free_port()), "train.py", *train_args]
+
+
 def launch(config: str, model_dir, out, method="full", env_extra=None, extra=()):
     env = {**os.environ, **(env_extra or {})}
     cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        f"accelerate_configs/{config}",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "train.py",
-        *common(model_dir, method),
+        *accelerate_train(config, 2, *common(model_dir, method)),
         "--batch-size",
         "2",
         "--expect-processes",
@@ -161,20 +158,7 @@ print(json.dumps(m["accuracy"]))
 
 
 def test_fsdp_on_cpu_is_refused_with_a_clear_message(tiny_model_dir, tmp_path):
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        "accelerate_configs/fsdp.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "train.py",
-        *common(tiny_model_dir),
-        "--output-dir",
-        str(tmp_path),
-    ]
+    cmd = accelerate_train("fsdp.yaml", 2, *common(tiny_model_dir), "--output-dir", str(tmp_path))
     res = subprocess.run(
         cmd, cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300
     )

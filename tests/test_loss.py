@@ -64,7 +64,9 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tokenizer, examples):
     exs, builder = examples
     model = lora_model(tokenizer)
     prefix = builder.shared_prefix_ids()
-    shared = loss_and_grads(model, AnswerLoss(model, prefix), collate_left_padded(exs, tokenizer.pad_token_id, len(prefix)))
+    shared = loss_and_grads(
+        model, AnswerLoss(model, prefix), collate_left_padded(exs, tokenizer.pad_token_id, len(prefix))
+    )
     plain = loss_and_grads(model, AnswerLoss(model), collate_left_padded(exs, tokenizer.pad_token_id))
     assert_same(shared, plain)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import bitsandbytes as bnb
 import pytest
@@ -26,9 +25,8 @@ from arxiv_ft.modeling import (
     prepare_for_kbit,
 )
 from tests.conftest import ROOT
+from tests.test_distributed import accelerate_train
 from tests.test_train import FAST, predictions
-
-ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
 def dequantized(module) -> torch.Tensor:
@@ -202,20 +200,8 @@ def test_compatibility_matrix(method, launch, device):
 )
 def test_unsupported_launches_fail_before_loading_a_model(config, env, argv, message, tmp_path):
     # A model path that does not exist: had a model load been attempted, the error would be a different one.
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--config_file",
-        f"accelerate_configs/{config}",
-        "--num_processes",
-        "1",
-        "train.py",
-        "--model",
-        str(tmp_path / "no-such-model"),
-        *argv,
-        "--output-dir",
-        str(tmp_path / "o"),
-    ]
+    model, out = str(tmp_path / "no-such-model"), str(tmp_path / "o")
+    cmd = accelerate_train(config, 1, "--model", model, *argv, "--output-dir", out)
     res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-2000:]

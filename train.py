@@ -24,16 +24,24 @@ import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from arxiv_ft import config as cfglib
 from arxiv_ft import records as rec
 from arxiv_ft.checkpoints import EXIT_PREEMPTED, GracefulStop, find_resume, load_checkpoint, save_checkpoint
 from arxiv_ft.config import option, save_json
 from arxiv_ft.config import to_dict as config_to_dict
-from arxiv_ft.data import BatchPlan, PromptBuilder, collate_left_padded, collate_packed, tokenize_records
+from arxiv_ft.data import (
+    BUDGETS,
+    BatchPlan,
+    PromptBuilder,
+    collate_left_padded,
+    collate_packed,
+    collate_prompts,
+    tokenize_records,
+)
+from arxiv_ft.fit import lr_schedule as make_schedule
 from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, forgetting_delta, run_probes
-from arxiv_ft.loss import AnswerLoss, loss_scale
+from arxiv_ft.loss import OBJECTIVES, AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree, loss_scale
 from arxiv_ft.metrics import classification_metrics, format_report, mfu, training_flops_per_token
 from arxiv_ft.modeling import (
     LLAMA_LINEAR_MODULES,
@@ -55,7 +63,7 @@ from arxiv_ft.modeling import (
 )
 from arxiv_ft.prompts import DEFAULT_TEMPLATE, get_template
 from arxiv_ft.report import LEDGER_VERSION, git_revision, package_versions, validate_ledger
-from arxiv_ft.scoring import LabelScorer, generate_labels
+from arxiv_ft.scoring import HeadScorer, LabelScorer, generate_labels
 
 ASSETS = Path(__file__).resolve().parent / "arxiv_ft" / "assets"
 
@@ -71,6 +79,8 @@ class TrainConfig:
     lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input")
     lora_targets: str = option(",".join(LLAMA_LINEAR_MODULES), "comma-separated module names to adapt")
+    lora_rslora: bool = option(False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r")
+    lora_layers: int = option(0, "adapt only the last N decoder layers (0 = all); backward then stops below them")
     bnb_quant_storage: str = option(
         "uint8", "QLoRA: dtype storing packed 4-bit weights (bf16 for ZeRO-3/FSDP)", ("uint8", "bf16", "fp16", "fp32")
     )
@@ -85,6 +95,16 @@ class TrainConfig:
     eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
     template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)")
     max_seq_tokens: int = option(192, "prompt + answer token budget; the abstract is shortened to fit")
+    token_budget: str = option(
+        "total", "what max_seq_tokens counts: every token, or the paper's (after the shared system turn)", BUDGETS[::-1]
+    )
+    objective: str = option(
+        "answer-tokens",
+        "mean CE over answer tokens; the same with the label-deciding token weighted; CE over the labels' sequence "
+        "log-likelihoods; a linear head on the last prompt token",
+        OBJECTIVES,
+    )
+    decision_weight: float = option(4.0, "decision-weighted: weight of the token(s) that decide the label")
     # optimisation
     epochs: float = option(1.0, "passes over the training data (fractions allowed)")
     max_steps: int = option(0, "optimizer steps; overrides epochs when > 0")
@@ -94,6 +114,7 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_ratio: float = option(0.1, "fraction of steps for linear warm-up")
     lr_schedule: str = option("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
+    min_lr_ratio: float = option(0.0, "the schedule decays to this fraction of lr at the last step, not to 0")
     max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
     group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
     share_prefix: bool = option(True, "run the shared prompt prefix once per micro-batch (off with checkpointing)")
@@ -126,6 +147,12 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_seq_tokens", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.objective in ("label-softmax", "cls-head") and self.packing:
+            raise ValueError(f"--objective {self.objective} scores whole prompts: it does not take --packing")
+        if self.objective == "label-softmax" and self.gradient_checkpointing:
+            raise ValueError(
+                "--objective label-softmax continues from the prompt's KV cache: no gradient checkpointing"
+            )
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -165,7 +192,7 @@ def main(cfg: TrainConfig) -> dict:
         cfg.labels, cfg.train_file, cfg.eval_file, cfg.train_per_class, cfg.eval_per_class, cfg.seed
     )
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    builder = PromptBuilder(tokenizer, get_template(cfg.template), labels, cfg.max_seq_tokens)
+    builder = PromptBuilder(tokenizer, get_template(cfg.template), labels, cfg.max_seq_tokens, cfg.token_budget)
     examples, tok_stats = tokenize_records(builder, train_records)
     if not examples:
         raise SystemExit(f"no trainable examples in {cfg.train_file}: {tok_stats}")
@@ -183,7 +210,15 @@ def main(cfg: TrainConfig) -> dict:
             model.enable_input_require_grads()  # so checkpointed blocks get gradients when the embeddings are frozen
     model.config.use_cache = False
     if cfg.method in ("lora", "qlora"):
-        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets.split(",")))
+        model = apply_lora(
+            model,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            tuple(cfg.lora_targets.split(",")),
+            rslora=cfg.lora_rslora,
+            last_layers=cfg.lora_layers,
+        )
     n_trainable, n_total = count_parameters(model)
     say(f"{cfg.method}: {n_trainable:,} trainable of {n_total:,} parameters")
 
@@ -197,23 +232,32 @@ def main(cfg: TrainConfig) -> dict:
         cfg.seed,
         cfg.group_by_length,
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # Fused AdamW: one kernel per step on CUDA instead of a loop over parameters.
-    fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler = get_scheduler(cfg.lr_schedule, optimizer, math.ceil(cfg.warmup_ratio * plan.steps), plan.steps)
     # Run the system turn every prompt shares once per micro-batch instead of once per example.
     # (Gradient checkpointing drops the KV cache the shared prefix lives in.)
     prefix = builder.shared_prefix_ids() if cfg.share_prefix and not cfg.gradient_checkpointing else []
     if any(ex.prompt_ids[: len(prefix)] != prefix for ex in examples):
         say("not every prompt starts with the shared prefix: prefix sharing off")
         prefix = []
+    head = None
+    if cfg.objective == "cls-head":
+        head = ClassificationHead(model.config.hidden_size, len(labels)).to(accelerator.device)
+        objective = HeadLoss(model, head, prefix)
+    elif cfg.objective == "label-softmax":
+        objective = LabelSoftmaxLoss(model, LabelTree([builder.label_targets[lbl] for lbl in labels]), prefix)
+    else:
+        objective = AnswerLoss(model, prefix)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    # Fused AdamW: one kernel per step on CUDA instead of a loop over parameters.
+    fused = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    warmup_steps = math.ceil(cfg.warmup_ratio * plan.steps)
+    scheduler = make_schedule(optimizer, cfg.lr_schedule, warmup_steps, plan.steps, cfg.min_lr_ratio)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # The DeepSpeed config says "auto" for these: they come from this config, so they cannot disagree.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         ds_config["gradient_clipping"] = cfg.max_grad_norm
-    train_model, optimizer = accelerator.prepare(AnswerLoss(model, prefix), optimizer)
+    train_model, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     model = accelerator.unwrap_model(train_model).model
 
@@ -252,7 +296,21 @@ def main(cfg: TrainConfig) -> dict:
     def collate(examples):
         if cfg.packing:
             return collate_packed(examples, len(prefix))
+        if cfg.objective in ("label-softmax", "cls-head"):
+            return collate_prompts(examples, tokenizer.pad_token_id, len(prefix))
+        if cfg.objective == "decision-weighted":
+            return collate_left_padded(
+                examples, tokenizer.pad_token_id, len(prefix), cfg.decision_weight, builder.label_decisions
+            )
         return collate_left_padded(examples, tokenizer.pad_token_id, len(prefix))
+
+    def loss_units(ex) -> float:
+        """What one example adds to the step's loss normaliser: its target tokens, their weights, or 1 example."""
+        if cfg.objective in ("label-softmax", "cls-head"):
+            return 1.0
+        if cfg.objective == "decision-weighted":
+            return sum(cfg.decision_weight if d else 1.0 for d in builder.label_decisions[ex.label_index])
+        return float(len(ex.target_ids))
 
     # The loop: each optimizer step takes grad_accum_steps global micro-batches; each process its own slice.
     model.train()
@@ -266,7 +324,7 @@ def main(cfg: TrainConfig) -> dict:
         mine = [collate(ex[accelerator.process_index :: world]) for ex in window]
         # Normalise by the step's target tokens over all micro-batches and processes (torchtune's rule), so
         # batch 8 and 4 x 2 accumulation, or 1 and 2 processes, give the same gradient.
-        step_targets = sum(len(e.target_ids) for ex in window for e in ex)
+        step_targets = sum(loss_units(e) for ex in window for e in ex)
         step_loss = 0.0
         for batch in mine:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -282,7 +340,7 @@ def main(cfg: TrainConfig) -> dict:
         tokens_seen += sum(len(e.input_ids) for ex in window for e in ex[accelerator.process_index :: world])
         scheduler.step()
         step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum")) / step_targets
-        target_tokens_seen += step_targets
+        target_tokens_seen += sum(len(e.target_ids) for ex in window for e in ex)
         losses.append(step_loss)
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -303,7 +361,7 @@ def main(cfg: TrainConfig) -> dict:
     train_seconds = time.perf_counter() - train_started + state["train_seconds"]
     tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
 
-    metrics["after"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "fine-tuned")
+    metrics["after"] = evaluate(accelerator, model, tokenizer, builder, eval_records, cfg, "fine-tuned", head)
     if cfg.probes:
         tuned = run_probes(model, tokenizer, probe_cfg)
         delta = forgetting_delta(metrics["probes_base"], tuned)
@@ -348,7 +406,7 @@ def main(cfg: TrainConfig) -> dict:
                 {f"eval_{when}/accuracy": score["accuracy"], f"eval_{when}/macro_f1": score["macro_f1"]},
                 step=plan.steps,
             )
-    out = save_output(accelerator, train_model, tokenizer, cfg, labels, metrics)
+    out = save_output(accelerator, train_model, tokenizer, cfg, labels, metrics, head)
     if accelerator.is_main_process:
         write_ledger(out, cfg, metrics, len(examples), len(eval_records))
         say(f"saved to {out}")
@@ -358,15 +416,20 @@ def main(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def evaluate(accelerator, model, tokenizer, builder, records, cfg: TrainConfig, name: str) -> dict:
+def evaluate(accelerator, model, tokenizer, builder, records, cfg: TrainConfig, name: str, head=None) -> dict:
     """Score (and/or generate) on every process's share of the papers; gather; print; return the metrics."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     share = records[accelerator.process_index :: accelerator.num_processes]
     result = {}
     started = time.perf_counter()
+    if head is not None:
+        head.eval()
     if cfg.eval_mode in ("score", "both"):
-        scorer = LabelScorer(unwrapped, builder, tokenizer.pad_token_id)
+        if head is not None:
+            scorer = HeadScorer(unwrapped, head, builder, tokenizer.pad_token_id)
+        else:
+            scorer = LabelScorer(unwrapped, builder, tokenizer.pad_token_id)
         preds = scorer.predict(share, cfg.eval_batch_size)
         pairs = gather_object([(r.primary, p.predicted if p else None) for r, p in zip(share, preds)])
         result["score"] = classification_metrics([t for t, _ in pairs], [p for _, p in pairs], builder.labels)
@@ -384,6 +447,8 @@ def evaluate(accelerator, model, tokenizer, builder, records, cfg: TrainConfig, 
     if "score" in result and name == "fine-tuned":
         accelerator.print(format_report(result["score"], builder.labels))
     model.train()
+    if head is not None:
+        head.train()
     return result
 
 

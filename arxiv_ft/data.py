@@ -24,12 +24,13 @@ class TokenizationError(ValueError):
 
 @dataclass
 class Example:
-    """One tokenised paper: prompt ids, then target ids (answer + end-of-turn)."""
+    """One tokenised paper: prompt ids, then target ids (answer + end-of-turn), and the label's index."""
 
     id: str
     label: str
     prompt_ids: list[int]
     target_ids: list[int]
+    label_index: int = -1
 
     @property
     def input_ids(self) -> list[int]:
@@ -52,21 +53,35 @@ class TokenizeStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
+BUDGETS = ("paper", "total")
+
+
 class PromptBuilder:
     """Turns records into prompt ids (for scoring) and examples (for training) under a token budget.
 
-    The abstract is shortened so that prompt + the longest label's target fits `max_seq_tokens`; the budget does
+    The abstract is shortened so that the prompt + the longest label's target fits `max_seq_tokens`; the budget does
     not depend on the record's own label, so the model sees the same prompt at training and inference time.
+    `budget="paper"` counts only the tokens after the shared prefix (the system turn with the label list, which
+    training and scoring run once per batch): a long label list then costs no abstract. `budget="total"` counts
+    every token (the budget of runs made before it existed).
     """
 
-    def __init__(self, tokenizer, template: PromptTemplate, labels: list[str], max_seq_tokens: int):
+    def __init__(
+        self, tokenizer, template: PromptTemplate, labels: list[str], max_seq_tokens: int, budget: str = "total"
+    ):
+        if budget not in BUDGETS:
+            raise ValueError(f"token budget {budget!r}: choose {' or '.join(BUDGETS)}")
         self.tokenizer = tokenizer
         self.template = template
         self.labels = list(labels)
         self.max_seq_tokens = max_seq_tokens
+        self.budget = budget
         self.end_of_turn = self._end_of_turn()
         self.label_targets = {label: self._encode(label + self.end_of_turn) for label in self.labels}
-        self.max_prompt_tokens = max_seq_tokens - max(len(t) for t in self.label_targets.values())
+        self.label_decisions = _decision_positions([self.label_targets[label] for label in self.labels])
+        self._prefix = self._common_prefix()
+        uncounted = len(self._prefix) if budget == "paper" else 0
+        self.max_prompt_tokens = max_seq_tokens + uncounted - max(len(t) for t in self.label_targets.values())
 
     def _encode(self, text: str) -> list[int]:
         # Special tokens come from the chat template itself; adding BOS again would double it.
@@ -108,15 +123,20 @@ class PromptBuilder:
             excess = len(ids) - self.max_prompt_tokens
         return ids, abstract
 
-    def shared_prefix_ids(self) -> list[int]:
-        """The tokens every prompt starts with (the rendered system turn), found by rendering two papers."""
-        a = self.prompt_ids(Record("a", "Alpha", "One.", (self.labels[0],)))
-        b = self.prompt_ids(Record("b", "Zeta", "Two.", (self.labels[0],)))
+    def _common_prefix(self) -> list[int]:
+        a, b = (
+            self._encode(self._render(record_messages(self.template, Record(i, t, x, (self.labels[0],)), self.labels)))
+            for i, t, x in (("a", "Alpha", "One."), ("b", "Zeta", "Two."))
+        )
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         # Keep one token back: a token boundary can merge differently where the texts start to differ.
         return a[: max(n - 1, 0)]
+
+    def shared_prefix_ids(self) -> list[int]:
+        """The tokens every prompt starts with (the rendered system turn), found by rendering two papers."""
+        return list(self._prefix)
 
     def prompt_ids(self, record: Record) -> list[int] | None:
         """Prompt ids for scoring a record (the same ids its training example starts with)."""
@@ -143,7 +163,7 @@ class PromptBuilder:
             raise TokenizationError(f"record {record.id}: answer tokens {target} differ from the label's {expected}")
         stats.kept += 1
         stats.truncated += abstract != record.abstract
-        return Example(record.id, record.primary, prompt, target)
+        return Example(record.id, record.primary, prompt, target, self.labels.index(record.primary))
 
 
 def tokenize_records(builder: PromptBuilder, records: list[Record]) -> tuple[list[Example], TokenizeStats]:
@@ -153,24 +173,69 @@ def tokenize_records(builder: PromptBuilder, records: list[Record]) -> tuple[lis
     return examples, stats
 
 
-def collate_left_padded(examples: list[Example], pad_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
-    """Left-pad (as scoring and generation do), so every row ends at the last column.
+def _decision_positions(targets: list[list[int]]) -> list[list[bool]]:
+    """For each label's target, which positions decide between labels (labels sharing the tokens before it differ
+    there): for `cs . XX <eot>` only `XX`. The other positions follow from the ones before them."""
+    following: dict[tuple[int, ...], set[int]] = {}
+    for t in targets:
+        for j in range(len(t)):
+            following.setdefault(tuple(t[:j]), set()).add(t[j])
+    return [[len(following[tuple(t[:j])]) > 1 for j in range(len(t))] for t in targets]
+
+
+def left_pad(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, position ids) of left-padded rows: every row ends in the last column.
 
     Position ids count real tokens only, so a left-padded row computes exactly what it computes alone.
-    `skip_prefix` drops that many leading tokens every example shares (see loss.AnswerLoss).
     """
-    rows = [(ex.input_ids[skip_prefix:], ex.labels[skip_prefix:]) for ex in examples]
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, row_labels) in enumerate(rows):
-        n = len(ids)
-        input_ids[row, width - n :] = torch.tensor(ids)
-        labels[row, width - n :] = torch.tensor(row_labels)
-        attention_mask[row, width - n :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def collate_left_padded(
+    examples: list[Example],
+    pad_id: int,
+    skip_prefix: int = 0,
+    decision_weight: float | None = None,
+    label_decisions=None,
+) -> dict[str, torch.Tensor]:
+    """Left-pad (as scoring and generation do), so every row ends at the last column.
+
+    `skip_prefix` drops that many leading tokens every example shares (see loss.AnswerLoss). With
+    `decision_weight`, a `weights` tensor gives each target token weight 1, and `decision_weight` where the label is
+    decided (`label_decisions[label_index]`, see PromptBuilder.label_decisions).
+    """
+    input_ids, attention_mask, position_ids = left_pad([ex.input_ids[skip_prefix:] for ex in examples], pad_id)
+    labels, _, _ = left_pad([ex.labels[skip_prefix:] for ex in examples], IGNORE_INDEX)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+    if decision_weight is not None:
+        weights = [
+            [0.0] * (len(ex.prompt_ids) - skip_prefix)
+            + [decision_weight if d else 1.0 for d in label_decisions[ex.label_index]]
+            for ex in examples
+        ]
+        width = labels.shape[1]
+        batch["weights"] = torch.tensor([[0.0] * (width - len(w)) + w for w in weights])
+    return batch
+
+
+def collate_prompts(examples: list[Example], pad_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded prompts without their answers, and each example's label index: for objectives that score the
+    whole label set (label-softmax, classification head)."""
+    input_ids, attention_mask, position_ids = left_pad([ex.prompt_ids[skip_prefix:] for ex in examples], pad_id)
+    label_index = torch.tensor([ex.label_index for ex in examples], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "label_index": label_index,
+    }
 
 
 def collate_packed(examples: list[Example], skip_prefix: int = 0) -> dict[str, torch.Tensor]:

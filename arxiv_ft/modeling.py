@@ -153,12 +153,38 @@ def prepare_for_kbit(model, gradient_checkpointing: bool):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def apply_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, target_modules: tuple[str, ...]):
-    """Wrap a model with fresh LoRA adapters; only the adapters train."""
+def apply_lora(
+    model: PreTrainedModel,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: tuple[str, ...],
+    rslora: bool = False,
+    last_layers: int = 0,
+    dora: bool = False,
+):
+    """Wrap a model with fresh LoRA adapters; only the adapters train.
+
+    `last_layers` adapts only the top N decoder layers: nothing below them needs a gradient, so backward stops there.
+    """
     from peft import LoraConfig, get_peft_model
 
+    n_layers = model.config.num_hidden_layers
+    layers = None
+    if last_layers:
+        if not 0 < last_layers <= n_layers:
+            raise ValueError(f"lora_layers {last_layers}: the model has {n_layers} decoder layers")
+        layers = list(range(n_layers - last_layers, n_layers))
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+        use_rslora=rslora,
+        use_dora=dora,
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers else None,
     )
     return get_peft_model(model, config)
 
@@ -280,7 +306,26 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype =
     return out_dir
 
 
-def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], metrics: dict) -> Path:
+HEAD_FILE = "classifier_head.safetensors"
+
+
+def load_head(output_dir: str | Path, device=None):
+    """The classification head a cls-head run saved, or None for a generative run."""
+    from safetensors.torch import load_file
+
+    from arxiv_ft.loss import ClassificationHead
+
+    path = Path(output_dir) / HEAD_FILE
+    if not path.is_file():
+        return None
+    state = load_file(path)
+    n_labels, hidden = state["linear.weight"].shape
+    head = ClassificationHead(hidden, n_labels)
+    head.load_state_dict(state)
+    return head.to(device or "cpu").eval()
+
+
+def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], metrics: dict, head=None) -> Path:
     """Save the model inside a prepared AnswerLoss, with the resolved config, labels, template id and metrics."""
     from arxiv_ft.config import save_json, to_dict
 
@@ -300,7 +345,12 @@ def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], met
         tokenizer.save_pretrained(out)
         save_json(to_dict(cfg), out / "train_config.json")
         (out / "labels.txt").write_text("\n".join(labels) + "\n")
-        save_json({"template": cfg.template, "max_seq_tokens": cfg.max_seq_tokens}, out / "prompt.json")
+        prompt = {"template": cfg.template, "max_seq_tokens": cfg.max_seq_tokens, "token_budget": cfg.token_budget}
+        save_json(prompt, out / "prompt.json")
         save_json(metrics, out / "metrics.json")
+        if head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, out / HEAD_FILE)
     accelerator.wait_for_everyone()
     return out

@@ -7,8 +7,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arxiv_ft.data import IGNORE_INDEX, PromptBuilder, collate_left_padded, collate_packed, tokenize_records
-from arxiv_ft.loss import AnswerLoss, loss_scale, predicting_positions, summed_loss, target_token_count
+from arxiv_ft.data import (
+    IGNORE_INDEX,
+    PromptBuilder,
+    collate_left_padded,
+    collate_packed,
+    collate_prompts,
+    tokenize_records,
+)
+from arxiv_ft.loss import (
+    AnswerLoss,
+    ClassificationHead,
+    HeadLoss,
+    LabelSoftmaxLoss,
+    LabelTree,
+    loss_scale,
+    predicting_positions,
+    summed_loss,
+    target_token_count,
+)
 from arxiv_ft.modeling import LLAMA_LINEAR_MODULES, apply_lora
 from arxiv_ft.prompts import get_template
 from tests.conftest import make_tiny_llama
@@ -136,3 +153,75 @@ def test_accumulation_gives_the_large_batch_gradient(tokenizer, examples):
     (reference_loss(model, batch) / target_token_count(batch["labels"])).backward()
     for a, p in zip(big, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_decision_positions_are_where_labels_part(examples):
+    _, builder = examples
+    # `cs . XX <eot>`: only the category piece decides; `cs`, `.` and the end-of-turn follow from what precedes them.
+    for label in builder.labels:
+        target, decisions = builder.label_targets[label], builder.label_decisions[builder.labels.index(label)]
+        assert len(decisions) == len(target) and sum(decisions) >= 1
+        assert not decisions[0] and not decisions[-1]
+
+
+def test_weighted_loss_with_unit_weights_is_the_plain_loss_and_weights_scale_decisions(tokenizer, examples):
+    exs, builder = examples
+    model = make_tiny_llama(tokenizer)
+    plain = AnswerLoss(model)(**collate_left_padded(exs, tokenizer.pad_token_id))
+    ones = collate_left_padded(exs, tokenizer.pad_token_id, 0, 1.0, builder.label_decisions)
+    torch.testing.assert_close(AnswerLoss(model)(**ones), plain, rtol=1e-6, atol=1e-6)
+    heavy = collate_left_padded(exs, tokenizer.pad_token_id, 0, 3.0, builder.label_decisions)
+    only = collate_left_padded(exs, tokenizer.pad_token_id, 0, 1.0, builder.label_decisions)
+    only["weights"] = heavy["weights"] - only["weights"]  # 2 on decision tokens, 0 elsewhere
+    torch.testing.assert_close(AnswerLoss(model)(**heavy), plain + AnswerLoss(model)(**only), rtol=1e-5, atol=1e-5)
+
+
+def test_label_softmax_loss_is_cross_entropy_over_naive_label_likelihoods(tokenizer, examples):
+    """The objective equals -log softmax over labels of sum log p(label + eot | prompt), computed the slow way with
+    one full forward per label; with the shared prefix the loss and gradients are the same."""
+    exs, builder = examples
+    model = lora_model(tokenizer)
+    tree = LabelTree([builder.label_targets[label] for label in builder.labels])
+    want = 0.0
+    with torch.no_grad():
+        for ex in exs[:3]:
+            naive = []
+            for label in builder.labels:
+                target = builder.label_targets[label]
+                logp = torch.log_softmax(model(torch.tensor([ex.prompt_ids + target])).logits[0].float(), -1)
+                n = len(ex.prompt_ids)
+                naive.append(sum(logp[n - 1 + j, t] for j, t in enumerate(target)))
+            want += float(-torch.log_softmax(torch.stack(naive), 0)[ex.label_index])
+    got = LabelSoftmaxLoss(model, tree)(**collate_prompts(exs[:3], tokenizer.pad_token_id))
+    assert abs(float(got) - want) < 1e-3
+    prefix = builder.shared_prefix_ids()
+    shared = loss_and_grads(
+        model, LabelSoftmaxLoss(model, tree, prefix), collate_prompts(exs, tokenizer.pad_token_id, len(prefix))
+    )
+    plain = loss_and_grads(model, LabelSoftmaxLoss(model, tree), collate_prompts(exs, tokenizer.pad_token_id))
+    assert_same(shared, plain)
+
+
+def test_head_loss_reads_the_last_prompt_token_with_or_without_the_shared_prefix(tokenizer, examples):
+    exs, builder = examples
+    model = lora_model(tokenizer)
+    head = ClassificationHead(model.config.hidden_size, len(builder.labels))
+    prefix = builder.shared_prefix_ids()
+    shared = loss_and_grads(
+        model, HeadLoss(model, head, prefix), collate_prompts(exs, tokenizer.pad_token_id, len(prefix))
+    )
+    plain = loss_and_grads(model, HeadLoss(model, head), collate_prompts(exs, tokenizer.pad_token_id))
+    assert_same(shared, plain)
+    with torch.no_grad():  # the textbook way: one unpadded forward per paper, its last position's final hidden state
+        body = model.get_base_model().model
+        want = sum(
+            float(
+                F.cross_entropy(
+                    head(body(torch.tensor([ex.prompt_ids])).last_hidden_state[:, -1]),
+                    torch.tensor([ex.label_index]),
+                    reduction="sum",
+                )
+            )
+            for ex in exs
+        )
+    assert abs(float(shared[0]) - want) < 1e-3

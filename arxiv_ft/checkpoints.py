@@ -1,15 +1,23 @@
-"""Resumable training: atomic checkpoints (model, optimizer, scheduler, RNG, data position) and graceful stops.
+"""Resumable training: atomic, verified checkpoints that are also loadable run folders, and graceful stops.
 
-A checkpoint is written into `step-NNNNNNNN.partial/` by every process (accelerate's `save_state`, which also
-covers DeepSpeed's sharded states), then the main process writes `trainer_state.json` and the `COMPLETE` marker
-and renames the folder to `step-NNNNNNNN/`. A crash at any point leaves either no folder with that name or a
-`.partial` one, which `--resume auto` ignores. The data position is the optimizer step: the batch plan is a
-pure function of it.
+A checkpoint holds what trains (a LoRA/DoRA/QLoRA adapter, or the whole model for full fine-tuning), the optimizer
+state, the training state and the run's task files (config, labels, prompt, base model), so `infer.py --model-dir`
+and `Classifier.from_pretrained` take it as they take the finished run. Everything is safetensors and JSON: loading
+a checkpoint runs no pickle. (DeepSpeed and FSDP keep their sharded states in their own format, written by
+accelerate's `save_state`; those are DeepSpeed's/torch's pickles, so resume only from folders you wrote.)
+
+Writing: every file goes into `step-NNNNNNNN.partial/`; the main process fsyncs them, writes `COMPLETE` (a manifest
+of each file's size and SHA-256) and renames the folder to `step-NNNNNNNN/`. Resuming (`find_resume`) takes the
+newest checkpoint whose files match its manifest; a torn one (power loss after the marker) is skipped with a
+warning and the one before it is used. The data position is the optimizer step: the batch plan, learning rate and
+dropout seeds are pure functions of it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,72 +25,135 @@ from pathlib import Path
 
 import torch
 
+from arxiv_ft.fileio import atomic_write, fsync_dir, fsync_tree, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+ACCELERATE_STATE = "accelerate_state"  # DeepSpeed/FSDP sharded states
 # Distinct exit status of a run that stopped on a signal after saving a checkpoint (EX_TEMPFAIL: "try again").
 EXIT_PREEMPTED = 75
+_HASH_LIMIT = 2 << 30  # hash files up to 2 GiB (an 8B full fine-tune's shards are sized, not hashed)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1].split(".")[0])
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints with a COMPLETE marker, oldest first (not yet verified)."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial")]
-    return sorted((p for p in found if (p / COMPLETE).is_file()), key=lambda p: int(p.name.split("-")[1]))
+    return sorted((p for p in found if (p / COMPLETE).is_file()), key=_step_of)
 
 
-def find_resume(output_dir: str | Path, resume: str) -> Path | None:
-    """`none` -> None; `auto` -> the newest complete checkpoint, if any; else a path that must be complete."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE):
+        size = path.stat().st_size
+        files[str(path.relative_to(folder))] = {"bytes": size, "sha256": _sha256(path) if size <= _HASH_LIMIT else None}
+    return files
+
+
+def verify(folder: Path) -> str | None:
+    """None if every file of the checkpoint matches its COMPLETE manifest, else what is wrong."""
+    try:
+        marker = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable {COMPLETE} marker ({exc})"
+    for name, want in marker.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if want.get("sha256") and _sha256(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def find_resume(output_dir: str | Path, resume: str) -> list[Path]:
+    """Checkpoints to try, best first: `none` -> none; `auto` -> the complete ones, newest first; else the path."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
-        done = complete_checkpoints(output_dir)
-        return done[-1] if done else None
+        return complete_checkpoints(output_dir)[::-1]
     path = Path(resume)
     if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker)")
-    return path
+        raise SystemExit(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker)")
+    return [path]
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as named tensors (for safetensors) plus JSON metadata (hyper-parameters, scalars)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
-    """Save on every process, publish atomically on the main one, keep the newest `keep` complete checkpoints."""
-    root = checkpoint_root(output_dir)
-    final = root / f"step-{step:08d}"
-    partial = root / f"step-{step:08d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crash while saving this same step
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_write(partial / STATE_FILE, json.dumps(state, indent=1) + "\n")
-        _fsync_write(partial / COMPLETE, f"{step}\n")
-        if final.exists():  # an earlier run reached this step; the newer save wins
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def load_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore what `optimizer_tensors` saved."""
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def publish(partial: Path, final: Path, step: int) -> Path:
+    """fsync a written checkpoint, write its manifest marker, and rename it into place (main process)."""
+    fsync_tree(partial)
+    atomic_write(partial / COMPLETE, json.dumps({"step": step, "files": _manifest(partial)}, indent=1) + "\n")
+    if final.exists():  # an earlier run reached this step; the newer save wins
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and RNG states; return the trainer state saved with them."""
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+def rotate(output_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints."""
+    for old in complete_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_state(folder: Path, state: dict) -> None:
+    write_json(folder / STATE_FILE, state)
+
+
+def read_state(folder: Path) -> dict:
+    return read_json(folder / STATE_FILE)
+
+
+def save_tensors_atomically(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
 
 
 class GracefulStop:
@@ -90,13 +161,21 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.received: int | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self._previous = {}
+        if install:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.received = signum
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (a Python caller's own)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def should_stop(self, accelerator) -> bool:
         """True on every process if any process got a signal (one tiny all-reduce per step)."""

@@ -1,115 +1,135 @@
-"""Frozen dataclass configs parsed from the command line and an optional YAML preset (unknown keys rejected).
+"""Frozen dataclass configs parsed from the command line and an optional YAML preset, with transformers'
+`HfArgumentParser`, so the names Hugging Face and TRL users type first work here too.
 
-A field is declared with `option(default, "help")`: the help text is the field's one-line comment and the
-`--help` text. Precedence: field default < YAML preset (`--config FILE`) < command-line flag.
+A field is declared with `option(default, "help", choices, aliases)`. Every field takes `--field-name` and
+`--field_name`; `aliases` adds the `TrainingArguments`/TRL name of the same option (`learning_rate` for `lr`), in
+both spellings. Booleans take `--flag`, `--no-flag` and `--flag true|false`. A preset (`--config FILE`) may use
+any of those names as keys; an unknown key is an error naming it. Precedence: field default < preset < flag.
+Nothing heavy is imported here, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import types
+import sys
 import typing
 from pathlib import Path
 
 import yaml
 
+_ARGPARSE_KEYS = ("help", "choices", "aliases")
 
-def option(default, help: str, choices: tuple | None = None):
-    """A config field with a default and its one-line help."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+def option(default, help: str, choices: tuple | None = None, aliases: tuple[str, ...] = ()):
+    """A config field with a default, its one-line help, allowed values, and other names (HF/TRL spellings)."""
+    flags = []
+    for alias in aliases:
+        flags += [f"--{alias}", f"--{alias.replace('_', '-')}"]
+    metadata = {"help": help.replace("%", "%%"), "choices": choices, "aliases": list(dict.fromkeys(flags))}
+    return dataclasses.field(default=default, metadata={k: v for k, v in metadata.items() if v})
 
 
 class ConfigError(ValueError):
     """An option or preset key that does not exist, or a value of the wrong type; the message names it."""
 
 
-def _base_type(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's command lines as written and shows every default."""
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def _names(cls) -> dict[str, str]:
+    """Every spelling an option may be given as (without dashes) -> its field name."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = out[f.name.replace("_", "-")] = f.name
+        for flag in f.metadata.get("aliases", []):
+            out[flag.lstrip("-")] = f.name
+    return out
 
 
-def build_parser(cls, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one `--field-name` flag per dataclass field, help taken from the field."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML preset whose keys are these options (underscores); flags override it")
+def build_parser(cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a config dataclass: HfArgumentParser's flags plus `--no-flag` for every boolean and `--config`."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls, description=description, formatter_class=_Formatter, prog=prog)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
-        kind = _parse_bool if tp is bool else tp
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=kind,
-            default=argparse.SUPPRESS,
-            choices=f.metadata.get("choices"),
-            metavar=tp.__name__.upper() if f.metadata.get("choices") is None else None,
-            help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
-        )
+        # HfArgumentParser adds `--no_x` only for booleans that default to True; users expect it for all of them.
+        if hints[f.name] is bool and f.default is False:
+            names = [f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"]
+            parser.add_argument(*names, action="store_false", dest=f.name, default=False, help=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML preset whose keys are these options; flags override it")
+    positional = getattr(cls, "_positional", None)
+    if positional:
+        parser.add_argument("positional", nargs="*", metavar=positional.upper(), help=f"same as --{positional}")
     return parser
 
 
-def _check_value(cls, name: str, value, source: str):
-    f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    tp = _base_type(typing.get_type_hints(cls)[name])
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if value is not None and not isinstance(value, tp):
-        raise ConfigError(f"{source}: {name!r} must be {tp.__name__}, got {value!r}")
-    choices = f.metadata.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{source}: {name!r} must be one of {', '.join(map(str, choices))}, got {value!r}")
-    return value
-
-
-def load_preset(cls, path: str | Path) -> dict:
-    """Read a YAML preset; a key that is not a field of `cls` is an error naming it."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+def _preset_argv(cls, path: str | Path) -> list[str]:
+    """A YAML preset as command-line arguments (so the parser checks its values exactly as it checks flags)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    names = _names(cls)
+    unknown = sorted(str(k) for k in data if str(k) not in names)
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return {k: _check_value(cls, k, v, str(path)) for k, v in data.items()}
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {known}")
+    argv = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, list):
+            value = ",".join(map(str, value))
+        argv += [f"--{names[str(key)]}", str(value)]
+    return argv
 
 
-def parse_config(cls, argv: list[str] | None, description: str):
-    """Parse argv (and the preset it names) into a frozen `cls` instance; errors exit with a usage message."""
-    parser = build_parser(cls, description)
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("config", None)
-    values = {}
+def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
+    """Parse argv (and the preset it names) into a frozen `cls` instance; errors exit with a message naming them."""
+    parser = build_parser(cls, description, prog)
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config")
+    preset = pre_parser.parse_known_args(argv)[0].config
+    preset_argv = []
+    if preset:
+        try:
+            preset_argv = _preset_argv(cls, preset)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        # The preset's values alone first, so a bad one is reported against the preset, not a flag.
+        checker = build_parser(cls, description, prog)
+        checker.error = lambda message: parser.error(f"--config {preset}: {message}")  # type: ignore[method-assign]
+        checker.parse_args(preset_argv)
+    args = vars(parser.parse_args(preset_argv + list(sys.argv[1:] if argv is None else argv)))
+    args.pop("config", None)
+    positional = args.pop("positional", None)
+    if positional:
+        name = cls._positional
+        default = cls.__dataclass_fields__[name].default
+        given = args.get(name)
+        args[name] = ",".join(positional if given in (None, "", default) else [given, *positional])
     try:
-        if preset:
-            values.update(load_preset(cls, preset))
-        values.update(args)
-        return cls(**values)
+        return cls(**args)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
+
+
+def config_from_dict(cls, values: dict):
+    """A config from a dict of field names (a saved `train_config.json`, a Python caller); unknown keys refused."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
+    return cls(**values)
 
 
 def to_dict(cfg) -> dict:
     """The resolved config as plain JSON-able data."""
     return dataclasses.asdict(cfg)
-
-
-def save_json(obj, path: str | Path) -> None:
-    """Write JSON readably, via a temporary file so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)

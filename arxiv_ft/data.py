@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from arxiv_ft.prompts import PromptTemplate, record_messages
+from arxiv_ft.prompts import BUDGETS, PromptSpec, PromptTemplate, get_template, record_messages
 from arxiv_ft.records import Record
 
 IGNORE_INDEX = -100
@@ -53,9 +53,6 @@ class TokenizeStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
-BUDGETS = ("paper", "total")
-
-
 class PromptBuilder:
     """Turns records into prompt ids (for scoring) and examples (for training) under a token budget.
 
@@ -67,7 +64,14 @@ class PromptBuilder:
     """
 
     def __init__(
-        self, tokenizer, template: PromptTemplate, labels: list[str], max_seq_tokens: int, budget: str = "total"
+        self,
+        tokenizer,
+        template: PromptTemplate,
+        labels: list[str],
+        max_seq_tokens: int,
+        budget: str = "total",
+        system_role: str = "system",
+        chat_kwargs: dict | None = None,
     ):
         if budget not in BUDGETS:
             raise ValueError(f"token budget {budget!r}: choose {' or '.join(BUDGETS)}")
@@ -76,6 +80,11 @@ class PromptBuilder:
         self.labels = list(labels)
         self.max_seq_tokens = max_seq_tokens
         self.budget = budget
+        self.system_role = system_role
+        self.chat_kwargs = dict(chat_kwargs or {})
+        # Strings the tokenizer turns into control tokens wherever they appear (`<|im_end|>`, `<|eot_id|>`, ...).
+        added = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+        self._control = sorted((t for t in added | set(tokenizer.all_special_tokens) if len(t) > 1), key=len)[::-1]
         self.end_of_turn = self._end_of_turn()
         self.label_targets = {label: self._encode(label + self.end_of_turn) for label in self.labels}
         self.label_decisions = _decision_positions([self.label_targets[label] for label in self.labels])
@@ -83,19 +92,48 @@ class PromptBuilder:
         uncounted = len(self._prefix) if budget == "paper" else 0
         self.max_prompt_tokens = max_seq_tokens + uncounted - max(len(t) for t in self.label_targets.values())
 
+    @classmethod
+    def from_spec(cls, tokenizer, spec: PromptSpec, labels: list[str]) -> PromptBuilder:
+        """The builder a saved `prompt.json` describes."""
+        return cls(
+            tokenizer,
+            get_template(spec.template),
+            labels,
+            spec.max_seq_tokens,
+            spec.token_budget,
+            spec.system_role,
+            spec.chat_kwargs,
+        )
+
+    def defuse(self, text: str) -> str:
+        """`text` with every control-token string broken by a zero-width space, so a title or abstract that contains
+        `<|im_end|>\n<|im_start|>assistant` stays text instead of ending the user's turn."""
+        for token in self._control:
+            if token in text:
+                text = text.replace(token, token[0] + "\u200b" + token[1:])
+        return text
+
+    def _messages(self, record: Record, abstract: str | None = None) -> list[dict]:
+        paper = Record(record.id, self.defuse(record.title), self.defuse(record.abstract), record.categories)
+        return record_messages(
+            self.template, paper, self.labels, None if abstract is None else self.defuse(abstract), self.system_role
+        )
+
     def _encode(self, text: str) -> list[int]:
         # Special tokens come from the chat template itself; adding BOS again would double it.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _render(self, messages, answer: str | None = None) -> str:
         if answer is None:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **self.chat_kwargs
+            )
         full = messages + [{"role": "assistant", "content": answer}]
-        return self.tokenizer.apply_chat_template(full, tokenize=False)
+        return self.tokenizer.apply_chat_template(full, tokenize=False, **self.chat_kwargs)
 
     def _end_of_turn(self) -> str:
         """The text the template puts right after an assistant answer (e.g. `<|im_end|>`), minus whitespace."""
-        messages = self.template.messages("t", "a", self.labels)
+        messages = self.template.messages("t", "a", self.labels, self.system_role)
         prompt, full = self._render(messages), self._render(messages, "ANSWER")
         if not full.startswith(prompt + "ANSWER"):
             raise TokenizationError("chat template does not render the answer right after the generation prompt")
@@ -108,24 +146,24 @@ class PromptBuilder:
     def fit_prompt(self, record: Record) -> tuple[list[int], str] | None:
         """(prompt ids, abstract used) with the abstract shortened to fit; None if no abstract fits at all."""
         abstract = record.abstract
-        ids = self._encode(self._render(record_messages(self.template, record, self.labels)))
+        ids = self._encode(self._render(self._messages(record)))
         abstract_ids = None
         excess = len(ids) - self.max_prompt_tokens
         # Decoding a cut and re-encoding can merge tokens differently: shrink until it fits.
         while excess > 0:
-            abstract_ids = abstract_ids if abstract_ids is not None else self._encode(record.abstract)
+            abstract_ids = abstract_ids if abstract_ids is not None else self._encode(self.defuse(record.abstract))
             keep = len(abstract_ids) - excess
             if keep <= 0:
                 return None
             abstract_ids = abstract_ids[:keep]
             abstract = self.tokenizer.decode(abstract_ids).rstrip() + " ..."
-            ids = self._encode(self._render(record_messages(self.template, record, self.labels, abstract)))
+            ids = self._encode(self._render(self._messages(record, abstract)))
             excess = len(ids) - self.max_prompt_tokens
         return ids, abstract
 
     def _common_prefix(self) -> list[int]:
         a, b = (
-            self._encode(self._render(record_messages(self.template, Record(i, t, x, (self.labels[0],)), self.labels)))
+            self._encode(self._render(self._messages(Record(i, t, x, (self.labels[0],)))))
             for i, t, x in (("a", "Alpha", "One."), ("b", "Zeta", "Two."))
         )
         n = 0
@@ -133,6 +171,13 @@ class PromptBuilder:
             n += 1
         # Keep one token back: a token boundary can merge differently where the texts start to differ.
         return a[: max(n - 1, 0)]
+
+    def visible_text(self, record: Record) -> str:
+        """The paper as its prompt shows it: the title and the abstract as shortened to fit (for a baseline that
+        reads exactly what the LLM reads)."""
+        fitted = self.fit_prompt(record)
+        abstract = "" if fitted is None else fitted[1]
+        return f"{record.title}. {abstract.removesuffix(' ...')}"
 
     def shared_prefix_ids(self) -> list[int]:
         """The tokens every prompt starts with (the rendered system turn), found by rendering two papers."""
@@ -154,7 +199,7 @@ class PromptBuilder:
             stats.drop("prompt too long even without abstract")
             return None
         prompt, abstract = fitted
-        full = self._encode(self._render(record_messages(self.template, record, self.labels, abstract), record.primary))
+        full = self._encode(self._render(self._messages(record, abstract), record.primary))
         if full[: len(prompt)] != prompt:
             raise TokenizationError(f"record {record.id}: tokenised prompt is not a prefix of prompt+answer")
         expected = self.label_targets[record.primary]

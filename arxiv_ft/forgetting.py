@@ -17,8 +17,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from arxiv_ft.config import option
+from arxiv_ft.data import left_pad
+from arxiv_ft.fileio import atomic_write
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Bump when anything that changes the numbers changes: templates, tokenisation, window rule, item selection.
@@ -36,10 +37,10 @@ PROBE_VERSION = 1
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    # Defaults: ~60 s on 2 CPU cores for SmolLM2-135M (fp32); raise n_windows / mc_items on a GPU.
-    n_windows: int = option(8, "WikiText-2 windows scored (the first N, non-overlapping)")
+    # Defaults (train's): ~40 s on 2 CPU cores for SmolLM2-135M (fp32); raise n_windows / mc_items on a GPU.
+    n_windows: int = option(4, "WikiText-2 windows scored (the first N, non-overlapping)")
     window_tokens: int = option(512, "tokens per perplexity window")
-    mc_items: int = option(112, "multiple-choice items: the first mc_items/7 of each task in file order")
+    mc_items: int = option(70, "multiple-choice items: the first mc_items/7 of each task in file order")
     batch_size: int = option(8, "choice sequences per forward")
     windows_per_forward: int = option(1, "perplexity windows per forward (logits: window x 49k vocab x 4 bytes each)")
     kl: bool = option(False, "also measure KL(base || tuned) on the windows (needs the base model at hand)")
@@ -91,14 +92,23 @@ def _inference(model):
         model.train(was_training)
 
 
-def perplexity(model, tokenizer, text: str, window_tokens: int = 1024, n_windows: int = 8, batch_size: int = 1) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    window_tokens: int = 1024,
+    n_windows: int = 8,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict:
     """Perplexity on fixed windows of `text`: exp of the mean NLL over every predicted token of every window."""
     windows = text_windows(tokenizer, text, window_tokens, n_windows)
     device = _device(model)
     nll_sum, n_tokens = 0.0, 0
     with _inference(model):
         # A few windows per forward: the logits of one 1024-token window are 200 MB with a 49k vocabulary.
-        for start in range(0, n_windows, batch_size):
+        starts = range(0, n_windows, batch_size)
+        for start in tqdm(starts, desc="probe: perplexity", unit="window", disable=not progress, leave=False):
             ids = windows[start : start + batch_size].to(device)
             logits = model(input_ids=ids).logits
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
@@ -202,7 +212,12 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def score_continuations(
-    model, requests: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, max_tokens: int | None = None
+    model,
+    requests: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    pad_id: int,
+    max_tokens: int | None = None,
+    progress: bool = False,
 ) -> list[tuple[float, int]]:
     """(sum of log-probs, token count) of each continuation given its context, in input order.
 
@@ -218,21 +233,16 @@ def score_continuations(
         seqs.append((seq[:-1], continuation))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    starts = range(0, len(order), batch_size)
     with _inference(model):
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(starts, desc="probe: multiple choice", unit="batch", disable=not progress, leave=False):
             idx = order[start : start + batch_size]
-            width = max(len(seqs[i][0]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                inp = seqs[i][0]
-                input_ids[row, width - len(inp) :] = torch.tensor(inp)
-                mask[row, width - len(inp) :] = 1
+            input_ids, mask, positions = left_pad([seqs[i][0] for i in idx], pad_id)
             keep = max(len(seqs[i][1]) for i in idx)
             out = model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                position_ids=positions.to(device),
                 logits_to_keep=keep,
             )
             for row, i in enumerate(idx):
@@ -242,7 +252,7 @@ def score_continuations(
     return results
 
 
-def multiple_choice(model, tokenizer, items: list[dict], batch_size: int = 8) -> dict:
+def multiple_choice(model, tokenizer, items: list[dict], batch_size: int = 8, progress: bool = False) -> dict:
     """Multiple-choice accuracy overall and per task.
 
     `acc_norm` (reported as `accuracy`) picks the choice with the highest mean log-prob per continuation token
@@ -255,7 +265,7 @@ def multiple_choice(model, tokenizer, items: list[dict], batch_size: int = 8) ->
         spans.append((len(requests), len(requests) + len(pairs)))
         requests.extend(pairs)
     max_tokens = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    scores = score_continuations(model, requests, batch_size, tokenizer.pad_token_id, max_tokens)
+    scores = score_continuations(model, requests, batch_size, tokenizer.pad_token_id, max_tokens, progress)
     tasks: dict[str, dict] = {}
     correct, correct_sum = [], []
     for item, (lo, hi) in zip(items, spans):
@@ -307,17 +317,17 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None) -> dict:
+def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None, progress: bool = True) -> dict:
     """Perplexity and multiple-choice probes (and KL to the base when `cfg.kl`) for one model.
 
     KL needs the base: pass `base_model`, or leave it None for a PEFT model (its adapters switched off).
     """
     started = time.perf_counter()
     text = Path(cfg.text_file).read_text(encoding="utf-8")
-    ppl = perplexity(model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.windows_per_forward)
+    ppl = perplexity(model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.windows_per_forward, progress)
     ppl_seconds = time.perf_counter() - started
     items = select_items(read_items(cfg.items_file), cfg.mc_items)
-    mc = multiple_choice(model, tokenizer, items, cfg.batch_size)
+    mc = multiple_choice(model, tokenizer, items, cfg.batch_size, progress)
     result = {
         "probe_version": PROBE_VERSION,
         "key_hash": _hash(probe_key(cfg)),
@@ -339,29 +349,8 @@ def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None) -> dict:
     return result
 
 
-def model_identity(model_name_or_path: str) -> dict:
-    """What names a model's weights: its path and its weight files' sizes and times, or the hub cache's commit."""
-    from arxiv_ft.modeling import resolve_model_path
-
-    path = Path(resolve_model_path(model_name_or_path))
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".gguf"))
-        return {
-            "name": model_name_or_path,
-            "path": str(path.resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-        }
-    try:  # a hub id: the cached snapshot folder carries the commit hash
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(model_name_or_path, "config.json")
-    except Exception:  # identity is best effort: the name alone still keys the cache
-        cached = None
-    return {"name": model_name_or_path, "snapshot": cached if isinstance(cached, str) else None}
-
-
 def base_probes_cached(
-    model_name_or_path: str,
+    source,
     tokenizer,
     model_loader: Callable[[], torch.nn.Module],
     cfg: ProbeConfig,
@@ -373,8 +362,13 @@ def base_probes_cached(
     Put what else changes the numbers in `key_extra` (dtype, device type): the delta of an unchanged model is
     exactly zero only when base and tuned are probed the same way.
     """
+    from arxiv_ft.modeling import ModelSource
+
+    source = ModelSource(source) if isinstance(source, str) else source
+    record = source.record()
     key = {
-        "model": model_identity(model_name_or_path),
+        # The weights' fingerprint, not the path: a retrained folder at the same path is another model.
+        "model": {k: record[k] for k in ("hub_id", "revision", "fingerprint")} | {"name": source.name},
         "tokenizer": [type(tokenizer).__name__, len(tokenizer)],
         "probe": probe_key(cfg),
         "extra": key_extra or {},
@@ -385,12 +379,8 @@ def base_probes_cached(
         if cached.get("key") == key:
             return cached["result"]
     result = run_probes(model_loader(), tokenizer, dataclasses.replace(cfg, kl=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique temporary name, then rename: two runs probing the same base at once never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"key": key, "result": result}, fh)
-    os.replace(tmp, path)
+    # Written atomically: two runs probing the same base at once never see half a file.
+    atomic_write(path, json.dumps({"key": key, "result": result}))
     return result
 
 

@@ -1,20 +1,69 @@
-"""Merge a LoRA/QLoRA training output into a standalone full-precision model folder for deployment.
+"""Merge a LoRA/QLoRA/DoRA run into a standalone full-precision model folder, for plain transformers or vLLM.
 
-python -m arxiv_ft.merge runs/default --out runs/default-merged
+    arxiv-ft merge runs/default --out runs/default-merged
+    python -m arxiv_ft.merge runs/default --out runs/default-merged
+
+The merged folder is a run folder of its own (method `full`): `infer.py --model-dir` and `Classifier.from_pretrained`
+load it; so does `AutoModelForCausalLM.from_pretrained`. QLoRA adapters merge onto the de-quantised nf4 base they were
+trained against, so the merged model predicts like base + adapter did.
 """
 
-import argparse
+from __future__ import annotations
 
-from arxiv_ft.modeling import merge_adapter
+import shutil
+import sys
+from pathlib import Path
+
+from arxiv_ft.options import MergeConfig
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a train.py output folder holding an adapter")
-    parser.add_argument("--out", required=True, help="where the merged model goes")
-    args = parser.parse_args(argv)
-    print(f"merged model written to {merge_adapter(args.run_dir, args.out)}")
+def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Fold the adapter of `run_dir` into its base and write a loadable full-model run folder at `out`."""
+    from tqdm.auto import tqdm
+
+    from arxiv_ft.fileio import write_json
+    from arxiv_ft.modeling import torch_dtype
+    from arxiv_ft.rundir import RunDir
+
+    run, out = RunDir(run_dir).check(), Path(out)
+    method = run.method()
+    if not method.adapter:
+        raise SystemExit(f"{run_dir}: a {method.name} run is already a whole model; there is no adapter to merge")
+    with tqdm(total=3, desc="merge", unit="step") as bar:
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        method.merge(run.path, run.base_source(), tmp, torch_dtype(dtype))
+        bar.update()
+        run.load_tokenizer().save_pretrained(tmp)
+        merged = RunDir(tmp)
+        config = {
+            **run.config(),
+            "method": "full",
+            "merged_from": str(run.path.resolve()),
+            "merged_method": method.name,
+        }
+        merged.write_task(config, run.labels(), run.prompt(), run.base_record())
+        if run.has_head():
+            shutil.copy(run.path / "classifier_head.safetensors", tmp / "classifier_head.safetensors")
+        write_json(tmp / "merged.json", {"from": str(run.path.resolve()), "method": method.name, "dtype": dtype})
+        bar.update()
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.replace(out)
+        bar.update()
+    return out
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The command line."""
+    from arxiv_ft.config import parse_config
+    from arxiv_ft.logs import setup_logging
+
+    cfg = parse_config(MergeConfig, argv, __doc__, prog)
+    setup_logging()
+    out = merge_run(cfg.run_dir, cfg.out or Path(cfg.run_dir) / "merged", cfg.dtype)
+    print(f"merged model written to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

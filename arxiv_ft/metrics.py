@@ -1,41 +1,49 @@
-"""Task metrics (accuracy, macro-F1, per-class report, confusion matrix) and cost figures; pure functions.
+"""Task metrics (accuracy, macro-F1, per-class report, confusion matrix, calibration) and cost figures.
 
-scikit-learn computes the classification metrics: it is what the `evaluate` hub's accuracy/F1 modules wrap,
-and it needs no hub, so metrics work offline.
+The classification figures come from one Hugging Face `evaluate` metric shipped in the package
+(`arxiv_ft/evaluation/arxiv_classification.py`), loaded by path: `evaluate.load("accuracy")` and friends live on
+the hub and fail offline, a local script does not. It is loaded once per process, and `evaluate` is imported only
+then: on a busy CPU core the import takes 6.5-7.5 s (it pulls in transformers.pipelines, still ~7 s when torch and
+transformers are already imported), the load itself 0.015-0.03 s, a call ~0.004 s for 420 papers, 0.6 s for 200k.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+import functools
+from pathlib import Path
+
+METRIC_SCRIPT = Path(__file__).with_name("evaluation") / "arxiv_classification.py"
 
 
-def classification_metrics(y_true: list[str], y_pred: list[str | None], labels: list[str]) -> dict:
-    """Accuracy, macro-F1 over the label set, per-class precision/recall/F1/support, confusion matrix.
+@functools.cache
+def load_metric():
+    """The package's `evaluate` classification metric, loaded offline by path, once per process."""
+    import evaluate
 
-    A prediction of None (an unparseable generation) counts as wrong; it gets its own confusion column.
+    # In memory: the default writes an Arrow file and a lock under ~/.cache/huggingface/metrics named by the
+    # experiment id, which every rank of a multi-process run on one machine would share.
+    return evaluate.load(str(METRIC_SCRIPT), keep_in_memory=True)
+
+
+def classification_metrics(
+    y_true: list[str], y_pred: list[str | None], labels: list[str], probs: list[list[float]] | None = None
+) -> dict:
+    """Accuracy, macro-F1, per-class figures and confusion matrix over the label set; calibration from `probs`.
+
+    A prediction of None (an unparseable generation) counts as wrong; it gets its own confusion column, `<none>`.
+    Macro-F1 averages over the labels that occur in `y_true` or `y_pred`; `per_class` lists every label.
+    `probs` holds each paper's probability of every label in label-set order; from it come `ece` (expected
+    calibration error of the top-1 probability against the arg-max label, 15 equal-width bins, Guo et al. 2017),
+    `mean_confidence` (mean top-1 probability) and `brier` (mean squared distance to the one-hot true label, 0-2);
+    without it they are None.
     """
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} true labels but {len(y_pred)} predictions")
-    if not y_true:
-        return {"n": 0, "accuracy": float("nan"), "macro_f1": float("nan")}
-    pred = [p if p is not None else "<none>" for p in y_pred]
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, pred, labels=labels, average=None, zero_division=0
-    )
-    columns = labels + (["<none>"] if "<none>" in pred else [])
-    matrix = confusion_matrix(y_true, pred, labels=columns)
-    return {
-        "n": len(y_true),
-        "accuracy": float(np.mean([t == p for t, p in zip(y_true, pred)])),
-        "macro_f1": float(np.mean(f1)),
-        "unparsed": pred.count("<none>"),
-        "per_class": {
-            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for label, p, r, f, s in zip(labels, precision, recall, f1, support)
-        },
-        "confusion": {"rows_true": labels, "columns_predicted": columns, "counts": matrix[: len(labels)].tolist()},
-    }
+    if probs is not None and len(probs) != len(y_true):
+        raise ValueError(f"{len(y_true)} true labels but {len(probs)} probability rows")
+    # evaluate's string column refuses None; the metric counts any prediction outside the label set as unparsed.
+    pred = ["<none>" if p is None else p for p in y_pred]
+    return load_metric().compute(predictions=pred, references=list(y_true), labels=list(labels), probabilities=probs)
 
 
 def format_report(metrics: dict, labels: list[str]) -> str:
@@ -45,6 +53,10 @@ def format_report(metrics: dict, labels: list[str]) -> str:
         c = metrics["per_class"][label]
         lines.append(f"{label:<12}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}{c['support']:>9d}")
     lines.append(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  (n={metrics['n']})")
+    if metrics.get("ece") is not None:  # absent from metrics saved before calibration was measured
+        lines.append(
+            f"ECE {metrics['ece']:.4f}  mean confidence {metrics['mean_confidence']:.4f}  Brier {metrics['brier']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -62,3 +74,28 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -
     if not peak_flops:
         return None
     return flops_per_token * tokens_per_s / peak_flops
+
+
+# Dense bf16 peak FLOP/s of common training GPUs, for MFU (fp32 peaks are far lower; MFU is reported for bf16).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device, dtype) -> float | None:
+    """The device's dense bf16 peak FLOP/s when it is a known GPU computing in bf16; None otherwise (CPUs)."""
+    import torch
+
+    if torch.device(device).type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_bytes(device) -> int:
+    """This process's peak memory: allocated on a GPU, resident (RSS) on a CPU. The one way it is measured."""
+    import resource
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

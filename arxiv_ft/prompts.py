@@ -6,7 +6,8 @@ change is a new id, never an edit of an old one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from arxiv_ft.records import Record
 
@@ -19,12 +20,14 @@ class PromptTemplate:
     system: str
     user: str
 
-    def messages(self, title: str, abstract: str, labels: list[str]) -> list[dict[str, str]]:
-        """Chat messages for one paper, without the answer."""
-        return [
-            {"role": "system", "content": self.system.format(labels=", ".join(labels))},
-            {"role": "user", "content": self.user.format(title=title, abstract=abstract)},
-        ]
+    def messages(self, title: str, abstract: str, labels: list[str], system_role: str = "system") -> list[dict]:
+        """Chat messages for one paper, without the answer; `system_role="user"` folds the system text into the user
+        turn, for chat templates that have no system role (Gemma's refuse one)."""
+        system = self.system.format(labels=", ".join(labels))
+        user = self.user.format(title=title, abstract=abstract)
+        if system_role == "user":
+            return [{"role": "user", "content": f"{system}\n\n{user}"}]
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 TEMPLATES = {
@@ -39,6 +42,10 @@ TEMPLATES = {
     ),
 }
 DEFAULT_TEMPLATE = "arxiv-v1"
+# What a token budget counts: the paper's tokens only (after the system turn every prompt shares), or all of them.
+BUDGETS = ("paper", "total")
+# Where the instructions go: a system turn, or the start of the user turn (for chat templates without a system role).
+SYSTEM_ROLES = ("system", "user")
 
 
 def get_template(template_id: str) -> PromptTemplate:
@@ -49,6 +56,59 @@ def get_template(template_id: str) -> PromptTemplate:
         raise ValueError(f"unknown prompt template {template_id!r}; known: {', '.join(TEMPLATES)}") from None
 
 
-def record_messages(template: PromptTemplate, record: Record, labels: list[str], abstract: str | None = None):
+def record_messages(
+    template: PromptTemplate,
+    record: Record,
+    labels: list[str],
+    abstract: str | None = None,
+    system_role: str = "system",
+):
     """Messages for a record, optionally with a shortened abstract."""
-    return template.messages(record.title, record.abstract if abstract is None else abstract, labels)
+    return template.messages(record.title, record.abstract if abstract is None else abstract, labels, system_role)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Everything that decides a paper's prompt tokens besides the tokenizer and the labels; saved with every run
+    (`prompt.json`) and read back by inference, so a paper renders to the same ids at training and inference.
+
+    `chat_kwargs` are extra variables for the chat template, pinned at training time: Llama 3's template writes
+    "Today Date: ..." from `date_string`, which would otherwise be the day the prompt is rendered.
+    """
+
+    template: str = DEFAULT_TEMPLATE
+    max_seq_tokens: int = 192
+    token_budget: str = "total"  # what max_seq_tokens counts: "total" or "paper" (after the shared system turn)
+    system_role: str = "system"  # "user": fold the system text into the user turn (templates without a system role)
+    chat_kwargs: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> PromptSpec:
+        """Read a saved spec; folders written before a field existed get that field's old behaviour."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+CHAT_TEMPLATES = Path(__file__).resolve().parent / "chat"  # shipped chat templates, by name: chatml, llama3, ...
+
+
+def resolve_chat_template(tokenizer, spec: str, model: str) -> None:
+    """Give `tokenizer` the chat template `spec` names (a file, or a shipped name); without one, it must have its own.
+
+    A base model's tokenizer has no chat template: training then stops here, before any model is loaded, saying what
+    to pass. The template becomes part of the tokenizer saved with the run, so inference renders the same way.
+    """
+    if spec:
+        path = Path(spec) if Path(spec).is_file() else CHAT_TEMPLATES / f"{spec}.jinja"
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
+            raise SystemExit(f"--chat-template {spec}: neither a file nor a shipped template ({shipped})")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    elif tokenizer.chat_template is None:
+        raise SystemExit(
+            f"the tokenizer of {model!r} has no chat template (a base model?): pass --chat-template chatml "
+            f"(or another name in {CHAT_TEMPLATES}, or a .jinja file) to train it with one"
+        )

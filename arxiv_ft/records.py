@@ -1,4 +1,4 @@
-"""Read arXiv metadata (snapshot-format JSON lines, optionally gzipped) into records; label sets; splits.
+"""Read arXiv metadata (snapshot-format JSON lines, optionally gzipped) into records; label sets; samples.
 
 No model, no network. Every reader streams: the real snapshot is ~4.5 GB.
 """
@@ -73,6 +73,11 @@ def parse_record(obj: object) -> Record:
             raise RecordError(f"missing field {field!r}")
         if not isinstance(obj[field], str):
             raise RecordError(f"field {field!r} is not a string")
+    for field in ("id", "title", "abstract", "categories"):
+        try:
+            obj[field].encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON allows "\ud800"; no tokenizer or UTF-8 writer does
+            raise RecordError(f"field {field!r} holds an unpaired surrogate at character {exc.start}") from None
     rid, title, abstract = obj["id"].strip(), _clean(obj["title"]), _clean(obj["abstract"])
     categories = tuple(obj["categories"].split())
     if not rid:
@@ -93,9 +98,27 @@ def _open_binary_lines(path: Path) -> Iterator[bytes]:
         yield from fh
 
 
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Record | Reject]]:
+    """Rows of a Parquet file (snapshot column names), streamed a record batch at a time."""
+    import pyarrow.parquet as pq
+
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            row_no += 1
+            try:
+                yield row_no, parse_record(row)
+            except RecordError as exc:
+                yield row_no, Reject(str(path), row_no, str(exc), json.dumps(row, default=str))
+
+
 def iter_records_and_rejects(path: str | Path) -> Iterator[tuple[int, Record | Reject]]:
-    """Yield (1-based line number, Record or Reject) for every non-blank line; a truncated gzip ends in a Reject."""
+    """Yield (1-based line number, Record or Reject) for every non-blank line (or Parquet row); a truncated gzip
+    ends in a Reject."""
     path = Path(path)
+    if path.suffix == ".parquet":
+        yield from _iter_parquet(path)
+        return
     line_no = 0
     try:
         for raw in _open_binary_lines(path):
@@ -104,6 +127,8 @@ def iter_records_and_rejects(path: str | Path) -> Iterator[tuple[int, Record | R
                 continue
             try:
                 text = raw.decode("utf-8")
+                if line_no == 1:
+                    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the first record
             except UnicodeDecodeError as exc:
                 yield line_no, Reject(str(path), line_no, f"invalid UTF-8 at byte {exc.start}", _lenient(raw))
                 continue
@@ -150,8 +175,11 @@ def read_labels(path: str | Path) -> list[str]:
     """A label file: one category id a line; blank lines and '#' comments ignored."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     labels = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"{path}: duplicate labels")
+    if not labels:
+        raise ValueError(f"{path}: no labels (one category id a line)")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"{path}: duplicate labels: {', '.join(repeated)}")
     return labels
 
 
@@ -183,14 +211,6 @@ def split_bucket(record_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_records(records: list[Record], holdout_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Deterministic (train, holdout) split by hashed id."""
-    train, holdout = [], []
-    for record in records:
-        (holdout if split_bucket(record.id, seed) < holdout_fraction else train).append(record)
-    return train, holdout
-
-
 def per_class_sample(records: list[Record], per_class: int, seed: int) -> list[Record]:
     """At most `per_class` records of each primary category, chosen by hashed id; output order is by that hash."""
     ranked = sorted(records, key=lambda r: split_bucket(r.id, seed))
@@ -204,14 +224,22 @@ def per_class_sample(records: list[Record], per_class: int, seed: int) -> list[R
 
 
 def label_set(spec: str, train_file: str | Path) -> list[str]:
-    """Labels from a spec: `top:K` (the K most frequent primaries of the training file), a label file, or `a,b,c`."""
+    """Labels from a spec: `top:K` (the K most frequent primaries of the training file), a label file, or `a,b,c`.
+
+    A classifier needs at least two labels (with one, accuracy and macro-F1 are 1.0 whatever the model does), and
+    each label once (a repeated label would be scored twice and split its probability).
+    """
     if spec.startswith("top:"):
-        return top_k_primaries(train_file, int(spec[4:]))
-    if Path(spec).is_file():
-        return read_labels(spec)
-    labels = [s.strip() for s in spec.split(",") if s.strip()]
+        labels, where = top_k_primaries(train_file, int(spec[4:])), f"{spec} of {train_file}"
+    elif Path(spec).is_file():
+        labels, where = read_labels(spec), str(spec)
+    else:
+        labels, where = [s.strip() for s in spec.split(",") if s.strip()], f"label set {spec!r}"
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"{where}: label(s) given more than once: {', '.join(repeated)}")
     if len(labels) < 2:
-        raise ValueError(f"label set {spec!r}: not a file, not top:K, and fewer than 2 comma-separated labels")
+        raise ValueError(f"{where}: {len(labels)} label(s); a classifier needs at least 2 (a file, a,b,c or top:K)")
     return labels
 
 

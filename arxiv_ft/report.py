@@ -10,7 +10,6 @@ one row per method with mean ± std over seeds, and a legend), `summary.json` (t
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -18,26 +17,11 @@ import statistics
 import sys
 from pathlib import Path
 
-LEDGER_VERSION = 1
-KNOWN_METHODS = ("zero-shot", "lora", "qlora", "full", "tfidf-svm", "tfidf-logreg")
-_REQUIRED = (
-    "ledger_version",
-    "run_id",
-    "method",
-    "seed",
-    "model",
-    "config",
-    "data",
-    "task",
-    "forgetting",
-    "cost",
-    "train",
-    "versions",
-    "git_revision",
-    "created",
-)
+from arxiv_ft.ledger import LEDGER_VERSION, Ledger, LedgerError, known_methods
+from arxiv_ft.options import ReportConfig
+
 # Config keys that differ between seeds of one experiment; everything else must match to be averaged together.
-_PER_RUN_KEYS = ("seed", "output_dir", "out", "run_id")
+_PER_RUN_KEYS = ("seed", "output_dir", "out", "run_id", "run_name", "report_to", "cpu_threads", "resume")
 # Numbers averaged per group, in table order.
 _GROUP_FIELDS = (
     "acc_before",
@@ -46,6 +30,7 @@ _GROUP_FIELDS = (
     "f1_before",
     "f1_after",
     "f1_gain",
+    "tfidf_acc",
     "ppl_before",
     "ppl_after",
     "ppl_delta",
@@ -61,96 +46,9 @@ _GROUP_FIELDS = (
 )
 
 
-class LedgerError(ValueError):
-    """A ledger file that is not a valid ledger; the message names the file and every problem."""
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def validate_ledger(d) -> list[str]:
-    """Every problem with a ledger record, as short messages; an empty list means it is valid."""
-    if not isinstance(d, dict):
-        return ["not a JSON object"]
-    problems = [f"missing key {k!r}" for k in _REQUIRED if k not in d]
-    if problems:
-        return problems
-    if d["ledger_version"] != LEDGER_VERSION:
-        problems.append(f"ledger_version {d['ledger_version']!r}, this reader knows {LEDGER_VERSION}")
-    if not isinstance(d["run_id"], str) or not d["run_id"]:
-        problems.append("run_id must be a non-empty string")
-    if d["method"] not in KNOWN_METHODS:
-        problems.append(f"method {d['method']!r} not one of {', '.join(KNOWN_METHODS)}")
-    if not isinstance(d["seed"], int):
-        problems.append("seed must be an integer")
-    data = d["data"]
-    if not isinstance(data, dict) or not all(_is_number(data.get(k)) for k in ("n_train", "n_eval")):
-        problems.append("data must hold n_train and n_eval")
-    task = d["task"]
-    if not isinstance(task, dict) or not isinstance(task.get("after"), dict):
-        problems.append("task.after is required")
-    else:
-        for when in ("before", "after"):
-            scores = task.get(when)
-            if scores is not None and not all(_is_number(scores.get(k)) for k in ("accuracy", "macro_f1")):
-                problems.append(f"task.{when} needs numeric accuracy and macro_f1")
-    forgetting = d["forgetting"]
-    if forgetting is not None:
-        parts = [forgetting.get(k) if isinstance(forgetting, dict) else None for k in ("base", "tuned", "delta")]
-        delta = parts[2]
-        if not all(isinstance(p, dict) for p in parts) or not all(
-            _is_number(delta.get(k)) for k in ("ppl_delta", "mc_delta")
-        ):
-            problems.append("forgetting must be null or hold base, tuned and a delta with ppl_delta and mc_delta")
-    cost = d["cost"]
-    if cost is not None:
-        if not isinstance(cost, dict):
-            problems.append("cost must be an object or null")
-        else:
-            bad = [k for k, v in cost.items() if v is not None and k != "device_type" and not _is_number(v)]
-            problems.extend(f"cost.{k} must be a number or null" for k in bad)
-    train = d["train"]
-    if not isinstance(train, dict) or not all(_is_number(x) for x in train.get("loss_curve", [])):
-        problems.append("train.loss_curve must be a list of numbers")
-    return problems
-
-
-def package_versions(*names: str) -> dict:
-    """Installed versions of the named distributions (None when absent), plus Python's: the ledger's `versions`."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_revision(folder: str | Path | None = None) -> str | None:
-    """The commit checked out at `folder` (default: this package's), or None outside a git checkout."""
-    import subprocess
-
-    folder = Path(folder) if folder else Path(__file__).resolve().parent
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-def load_ledger(path: str | Path) -> dict:
-    """Read and validate one ledger file; a problem is a LedgerError naming the file."""
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"{path}: {exc}") from None
-    problems = validate_ledger(d)
-    if problems:
-        raise LedgerError(f"{path}: " + "; ".join(problems))
-    return d
+def method_order() -> dict[str, int]:
+    """Report order: zero-shot, the fine-tuning methods in their table's order, then the baselines."""
+    return {m: i for i, m in enumerate(known_methods())}
 
 
 def find_ledgers(paths: list[str | Path]) -> list[Path]:
@@ -228,6 +126,10 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None) -> dict:
     }
     row["acc_gain"] = _diff(row["acc_after"], row["acc_before"])
     row["f1_gain"] = _diff(row["f1_after"], row["f1_before"])
+    tfidf = ledger["task"].get("tfidf")
+    row["tfidf_acc"] = tfidf["accuracy"] if tfidf else None
+    # Per-paper outcomes (when the ledger has them): what the paired bootstrap resamples.
+    row["outcomes"] = dict(zip(after["ids"], after["correct"])) if after.get("ids") is not None else None
     return row
 
 
@@ -263,8 +165,83 @@ def aggregate(rows: list[dict]) -> list[dict]:
             mean, std, n = _mean_std([r[name] for r in members])
             entry[name] = {"mean": mean, "std": std, "n": n}
         out.append(entry)
-    order = {m: i for i, m in enumerate(KNOWN_METHODS)}
+    order = method_order()
     return sorted(out, key=lambda e: (order.get(e["method"], len(order)), e["label"]))
+
+
+# ---------------------------------------------------------------------------------------------- significance
+
+
+def compare_groups(rows: list[dict], groups: list[dict], samples: int = 2000, seed: int = 0) -> list[dict]:
+    """Every pair of groups evaluated on the same papers: the accuracy difference, its paired bootstrap 95%
+    interval and p-value over the evaluation papers, and the seed spread of each side.
+
+    Per paper, each side's outcome is the mean over its seeds; the bootstrap resamples papers (with replacement)
+    and recomputes the difference of means. A difference is called significant when the interval excludes 0 and,
+    where both sides have several seeds, the difference exceeds their combined seed standard deviation.
+    """
+    import numpy as np
+
+    by_group: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["outcomes"] is not None:
+            by_group.setdefault(row["group"], []).append(row)
+    usable = [g for g in groups if g["group"] in by_group]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, a in enumerate(usable):
+        for b in usable[i + 1 :]:
+            runs_a, runs_b = by_group[a["group"]], by_group[b["group"]]
+            papers = set.intersection(*(set(r["outcomes"]) for r in runs_a + runs_b))
+            if len(papers) < 10:
+                continue
+            ids = sorted(papers)
+            mean_a = np.mean([[r["outcomes"][p] for p in ids] for r in runs_a], axis=0)
+            mean_b = np.mean([[r["outcomes"][p] for p in ids] for r in runs_b], axis=0)
+            diff = mean_a - mean_b
+            boot = diff[rng.integers(0, len(ids), size=(samples, len(ids)))].mean(axis=1)
+            low, high = np.percentile(boot, [2.5, 97.5])
+            p_value = min(1.0, 2 * min(float((boot <= 0).mean()), float((boot >= 0).mean())))
+            sd_a, sd_b = a["acc_after"]["std"], b["acc_after"]["std"]
+            seed_sd = math.hypot(sd_a, sd_b) if sd_a is not None and sd_b is not None else None
+            significant = (low > 0 or high < 0) and (seed_sd is None or abs(diff.mean()) > seed_sd)
+            out.append(
+                {
+                    "a": a["label"],
+                    "b": b["label"],
+                    "papers": len(ids),
+                    "seeds": [len(runs_a), len(runs_b)],
+                    "difference": float(diff.mean()),
+                    "ci95": [float(low), float(high)],
+                    "p_value": p_value,
+                    "seed_sd": seed_sd,
+                    "significant": bool(significant),
+                }
+            )
+    return out
+
+
+def significance_table(comparisons: list[dict]) -> str:
+    """The comparisons as a Markdown table with a one-line verdict each."""
+    header = ["A", "B", "papers", "seeds (A, B)", "acc A − B", "95% CI (paired bootstrap)", "p", "seed sd", "verdict"]
+    body = []
+    for c in comparisons:
+        verdict = "A better" if c["difference"] > 0 else "B better"
+        verdict = verdict if c["significant"] else "no significant difference"
+        body.append(
+            [
+                c["a"],
+                c["b"],
+                str(c["papers"]),
+                f"{c['seeds'][0]}, {c['seeds'][1]}",
+                _pct(c["difference"], signed=True),
+                f"[{_pct(c['ci95'][0], signed=True)}, {_pct(c['ci95'][1], signed=True)}]",
+                f"{c['p_value']:.3f}",
+                _pct(c["seed_sd"]) if c["seed_sd"] is not None else DASH,
+                verdict,
+            ]
+        )
+    return _table(header, body)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -457,8 +434,27 @@ How to read the columns:
 """
 
 
-def render_markdown(rows: list[dict], groups: list[dict], currency: str, plots: list[str], sources: list[dict]) -> str:
+def render_markdown(
+    rows: list[dict],
+    groups: list[dict],
+    currency: str,
+    plots: list[str],
+    sources: list[dict],
+    comparisons: list[dict] | None = None,
+) -> str:
     """The whole report.md text."""
+    significance = []
+    if comparisons:
+        significance = [
+            "## Are the differences real? (paired bootstrap over the evaluation papers, and the seed spread)",
+            "",
+            significance_table(comparisons),
+            "",
+            "Each side's per-paper outcome is its mean over seeds; the interval resamples the evaluation papers "
+            "(with replacement). *Significant* needs the interval to exclude 0 and, with several seeds on both "
+            "sides, the difference to exceed their combined seed standard deviation.",
+            "",
+        ]
     parts = [
         "# Fine-tuning report: task gain, forgetting, cost",
         "",
@@ -468,6 +464,7 @@ def render_markdown(rows: list[dict], groups: list[dict], currency: str, plots: 
         "",
         group_table(groups, currency),
         "",
+        *significance,
         "## Every run",
         "",
         run_table(rows, currency),
@@ -492,7 +489,8 @@ def _colors(rows: list[dict]) -> dict[str, tuple]:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
-    methods = list(KNOWN_METHODS) + sorted({r["method"] for r in rows} - set(KNOWN_METHODS))
+    known = list(known_methods())
+    methods = known + sorted({r["method"] for r in rows} - set(known))
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
@@ -619,9 +617,11 @@ def build_report(
     currency: str = "USD",
     cost_axis: str = "auto",
     skip_invalid: bool = False,
+    bootstrap_samples: int = 2000,
 ) -> dict:
     """Read the ledgers, write report.md, summary.json and the plots into `out_dir`; returns the summary."""
     import matplotlib
+    from tqdm.auto import tqdm
 
     matplotlib.use("Agg")
     out = Path(out_dir)
@@ -629,7 +629,7 @@ def build_report(
     ledgers, sources, skipped = [], [], []
     for path in find_ledgers(paths):
         try:
-            ledger = load_ledger(path)
+            ledger = Ledger.read(path).to_json()
             ledgers.append(ledger)
             # A ledger's free-text note (a fixture says it is fabricated) travels into the report.
             sources.append({"path": str(path), "note": ledger.get("_note")})
@@ -639,52 +639,58 @@ def build_report(
             skipped.append(str(exc))
     if not ledgers:
         raise LedgerError(f"no valid ledger among {', '.join(map(str, paths))}")
-    order = {m: i for i, m in enumerate(KNOWN_METHODS)}
+    order = method_order()
     rows = sorted(
         (run_row(d, price_per_device_hour) for d in ledgers),
         key=lambda r: (order.get(r["method"], len(order)), r["group"], r["seed"], r["run_id"]),
     )
     groups = aggregate(rows)
-    plots = [
-        plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png", cost_axis),
-        plot_gain_vs_forgetting(rows, out / "gain_vs_forgetting.png"),
-        plot_loss_curves(rows, out / "loss_curves.png"),
-    ]
-    (out / "report.md").write_text(render_markdown(rows, groups, currency, plots, sources), encoding="utf-8")
+    with tqdm(total=4, desc="report", unit="part", leave=False) as bar:
+        comparisons = compare_groups(rows, groups, bootstrap_samples)
+        bar.update()
+        plots = [plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png", cost_axis)]
+        bar.update()
+        plots.append(plot_gain_vs_forgetting(rows, out / "gain_vs_forgetting.png"))
+        bar.update()
+        plots.append(plot_loss_curves(rows, out / "loss_curves.png"))
+        bar.update()
+    markdown = render_markdown(rows, groups, currency, plots, sources, comparisons)
+    (out / "report.md").write_text(markdown, encoding="utf-8")
     summary = {
         "ledger_version": LEDGER_VERSION,
         "sources": sources,
         "skipped": skipped,
         "price_per_device_hour": price_per_device_hour,
         "currency": currency,
-        "runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in rows],
+        "runs": [{k: v for k, v in r.items() if k not in ("loss_curve", "outcomes")} for r in rows],
         "groups": groups,
+        "comparisons": comparisons,
         "plots": [Path(p).name for p in plots],
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="ledger files, or folders searched for ledger.json")
-    parser.add_argument("--out", required=True, help="folder for report.md, summary.json and the plots")
-    parser.add_argument("--price-per-device-hour", type=float, help="price of one device-hour (overrides ledgers)")
-    parser.add_argument("--currency", default="USD", help="unit of that price (default: USD)")
-    parser.add_argument(
-        "--cost-axis", choices=("auto", "device_hours", "wall_seconds"), default="auto", help="x axis of the cost plot"
-    )
-    parser.add_argument("--skip-invalid", action="store_true", help="leave out invalid ledgers instead of failing")
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
+    """The command line: `arxiv-ft report LEDGERS_OR_FOLDERS... --out DIR`."""
+    from arxiv_ft.config import parse_config
+
+    cfg = parse_config(ReportConfig, argv, __doc__, prog)
     try:
         summary = build_report(
-            args.paths, args.out, args.price_per_device_hour, args.currency, args.cost_axis, args.skip_invalid
+            [p for p in cfg.paths.split(",") if p],
+            cfg.out,
+            cfg.price_per_device_hour or None,
+            cfg.currency,
+            cfg.cost_axis,
+            cfg.skip_invalid,
+            cfg.bootstrap_samples,
         )
     except (LedgerError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+        raise SystemExit(f"arxiv-ft report: error: {exc}") from None
     for problem in summary["skipped"]:
         print(f"skipped: {problem}", file=sys.stderr)
-    print(f"{len(summary['runs'])} runs, {len(summary['groups'])} groups -> {Path(args.out) / 'report.md'}")
+    print(f"{len(summary['runs'])} runs, {len(summary['groups'])} groups -> {Path(cfg.out) / 'report.md'}")
     return summary
 
 

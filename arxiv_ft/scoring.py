@@ -25,10 +25,6 @@ class Prediction:
     predicted: str
     probs: list[float]
 
-    def top_k(self, labels: list[str], k: int) -> list[tuple[str, float]]:
-        order = sorted(range(len(labels)), key=lambda i: -self.probs[i])[:k]
-        return [(labels[i], self.probs[i]) for i in order]
-
 
 class LabelScorer:
     """Scores every allowed label for batches of papers with one model; see the module docstring."""
@@ -56,13 +52,16 @@ class LabelScorer:
         )
         return scores.cpu()
 
-    def predict(self, records: list[Record], batch_size: int) -> list[Prediction | None]:
+    def predict(self, records: list[Record], batch_size: int, progress: bool = False) -> list[Prediction | None]:
         """Predictions in input order; None for a record whose prompt cannot fit the token budget."""
+        from tqdm.auto import tqdm
+
         prompts = [self.builder.prompt_ids(r) for r in records]
         order = sorted((i for i, p in enumerate(prompts) if p is not None), key=lambda i: len(prompts[i]))
         results: list[Prediction | None] = [None] * len(records)
         # Length-sorted batches: papers of similar length pad little.
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress, leave=False):
             idx = order[start : start + batch_size]
             scores = self.score_prompts([prompts[i] for i in idx])
             probs = torch.softmax(scores, dim=-1)

@@ -73,3 +73,64 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     make_tiny_llama(tokenizer).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def apply_lora(model, rank: int, alpha: float, dropout: float, targets, rslora: bool = False, dora: bool = False):
+    """The LoRA (or DoRA) method's wrapping of `model`, with these settings (what train builds from its config)."""
+    from types import SimpleNamespace
+
+    from arxiv_ft.methods import get_method
+
+    cfg = SimpleNamespace(
+        lora_rank=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        lora_targets=",".join(targets),
+        lora_rslora=rslora,
+        lora_layers=0,
+    )
+    return get_method("dora" if dora else "lora").wrap(model, cfg)
+
+
+def run_train(argv: list[str]) -> dict:
+    """train() on a parsed command line, in this process (no signal handlers)."""
+    from arxiv_ft.config import parse_config
+    from arxiv_ft.train import TrainConfig, train
+
+    return train(parse_config(TrainConfig, argv, ""))
+
+
+def capture_trained_model(monkeypatch) -> dict:
+    """Make train hand over its in-memory model (as it is just before saving) in the returned dict."""
+    from arxiv_ft import phases
+
+    captured = {}
+    original = phases.save_run
+
+    def capture(cfg, launch, task, trainable, *args):
+        captured["model"] = launch.accelerator.unwrap_model(trainable.model)
+        return original(cfg, launch, task, trainable, *args)
+
+    monkeypatch.setattr(phases, "save_run", capture)
+    return captured
+
+
+def load_trained(folder):
+    """The model a run folder (or checkpoint, or best/) holds, loaded the way its method saved it, on the CPU."""
+    from arxiv_ft.rundir import RunDir
+
+    return RunDir(folder).check().load_model(torch.float32)
+
+
+def run_predictions(model, tokenizer, out_dir, n: int = 21):
+    """Label log-likelihoods of the first `n` validation papers, built from the run folder's labels and prompt."""
+    from arxiv_ft.data import PromptBuilder
+    from arxiv_ft.records import read_records
+    from arxiv_ft.rundir import RunDir
+    from arxiv_ft.scoring import LabelScorer
+
+    run = RunDir(out_dir)
+    builder = PromptBuilder.from_spec(tokenizer, run.prompt(), run.labels())
+    records = list(read_records(ASSETS / "cs-validation-sample.jsonl"))[:n]
+    prompts = [p for p in (builder.prompt_ids(r) for r in records) if p is not None]
+    return LabelScorer(model, builder, tokenizer.pad_token_id).score_prompts(prompts)

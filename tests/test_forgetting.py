@@ -70,7 +70,7 @@ def test_perplexity_matches_a_direct_forward(tiny, tokenizer, text):
 
 
 def test_kl_is_zero_for_fresh_lora_and_positive_for_another_model(tokenizer, text):
-    from arxiv_ft.modeling import apply_lora
+    from tests.conftest import apply_lora
 
     peft_model = apply_lora(make_tiny_llama(tokenizer, seed=0), 4, 8.0, 0.0, ("q_proj", "v_proj"))
     kl = fg.next_token_kl(None, peft_model, tokenizer, text, window_tokens=32, n_windows=2)

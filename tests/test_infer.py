@@ -20,15 +20,15 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-import infer
-import train
 from arxiv_ft import config as cfglib
+from arxiv_ft import infer
 from arxiv_ft import records as rec
 from arxiv_ft.data import PromptBuilder
-from arxiv_ft.modeling import load_tokenizer, load_trained
+from arxiv_ft.modeling import load_tokenizer
 from arxiv_ft.prompts import get_template
 from arxiv_ft.scoring import LabelScorer
-from tests.conftest import ASSETS, ROOT
+from arxiv_ft.shards import ShardedOutput, read_part
+from tests.conftest import ASSETS, ROOT, load_trained, run_train
 from tests.test_arxiv_api import FakeArxiv
 
 LABELS = str(ASSETS / "cs-labels.txt")
@@ -40,7 +40,7 @@ N_PAPERS = 64  # in the reference run, the killed run and the restarts (even)
 
 
 def run(argv: list[str]) -> dict:
-    return infer.main(cfglib.parse_config(infer.InferConfig, argv, ""))
+    return infer.infer(cfglib.parse_config(infer.InferConfig, argv, ""))
 
 
 def zero_shot(model_dir: str, *extra: str) -> list[str]:
@@ -53,7 +53,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def part_indices(out: Path) -> list[int]:
     """The index of every complete line of every part file."""
-    return [index for part in infer.all_parts(out) for index, _ in infer.read_part(part)[0]]
+    return [index for part in ShardedOutput(out).parts() for index, _ in read_part(part)[0]]
 
 
 def assert_same_predictions(got: list[dict], want: list[dict]) -> None:
@@ -106,7 +106,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, reference):
 
     summary = json.loads((tmp_path / "two" / "preds.jsonl.summary.json").read_text())
     assert summary["this_run"]["world_size"] == 2 and len(summary["this_run"]["per_process"]) == 2
-    parts = infer.all_parts(out)
+    parts = ShardedOutput(out).parts()
     assert [p.name for p in parts] == [f"preds.jsonl.part-0000{r}-of-00002.jsonl" for r in (0, 1)]
     for rank, part in enumerate(parts):
         assert sorted(json.loads(line)["index"] for line in part.read_text().splitlines()) == list(range(rank, 40, 2))
@@ -219,7 +219,9 @@ def test_bad_lines_are_rejected_with_line_numbers_and_the_rest_classified(
     assert '"id": "g"' in rejects[4]["text"] and "Broken" in rejects[0]["text"]
     assert summary["n_items"] == 8 + n_gz + 1 and summary["n_rejected"] == 6 and summary["n_predicted"] == 3 + n_gz
     assert summary["n_true_out_of_label_set"] == 1 and summary["out_of_label_set"] == {"math.CO": 1}
-    assert summary["metrics"]["n"] == 2 + n_gz and not summary["over_reject_limit"]
+    # "g" could not be classified (no prompt fits) but its label is in the set: it counts as wrong, as in train.
+    assert summary["metrics"]["n"] == 3 + n_gz and summary["n_unfit_counted_wrong"] == 1
+    assert not summary["over_reject_limit"]
 
     # The same run with the default limit: nothing left to classify, everything rewritten, exit status 3.
     monkeypatch.setattr(sys, "argv", ["infer.py", *argv])
@@ -251,7 +253,7 @@ def trained_dir(tmp_path_factory, tiny_model_dir) -> Path:
     argv = ["--model", tiny_model_dir, "--max-steps", "2", "--eval-before", "false", "--eval-per-class", "1"]
     argv += ["--train-per-class", "2", "--max-seq-tokens", "200"]
     argv += ["--output-dir", str(out), "--log-every-steps", "100"]
-    train.main(cfglib.parse_config(train.TrainConfig, argv, ""))
+    run_train(argv)
     return out
 
 
@@ -288,7 +290,7 @@ def test_model_dir_refuses_drift_and_unknown_templates(tmp_path, trained_dir):
         run([*base, "--labels", "cs.LG,cs.CL"])
     other = tmp_path / "other"
     other.mkdir()
-    for name in ("labels.txt", "train_config.json"):
+    for name in ("labels.txt", "train_config.json", "adapter_model.safetensors", "adapter_config.json"):
         shutil.copy(trained_dir / name, other / name)
     (other / "prompt.json").write_text(json.dumps({"template": "arxiv-v0-gone", "max_seq_tokens": 200}))
     config = json.loads((other / "train_config.json").read_text()) | {"template": "arxiv-v0-gone"}

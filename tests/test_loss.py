@@ -26,9 +26,9 @@ from arxiv_ft.loss import (
     summed_loss,
     target_token_count,
 )
-from arxiv_ft.modeling import LLAMA_LINEAR_MODULES, apply_lora
+from arxiv_ft.options import LLAMA_LINEAR_MODULES
 from arxiv_ft.prompts import get_template
-from tests.conftest import make_tiny_llama
+from tests.conftest import apply_lora, make_tiny_llama
 
 
 @pytest.fixture(scope="module")

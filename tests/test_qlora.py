@@ -10,21 +10,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-import train
-from arxiv_ft import config as cfglib
-from arxiv_ft.modeling import (
-    LAUNCHES,
-    LLAMA_LINEAR_MODULES,
-    IncompatibleLaunch,
-    apply_lora,
-    check_compatibility,
-    dequantized_base,
-    load_model,
-    load_trained,
-    merge_adapter,
-    prepare_for_kbit,
-)
-from tests.conftest import ROOT
+from arxiv_ft import phases
+from arxiv_ft.merge import merge_run
+from arxiv_ft.methods import LAUNCHES, METHODS, IncompatibleLaunch, get_method
+from arxiv_ft.modeling import dequantized_base, load_model, prepare_for_kbit, quantization_config
+from arxiv_ft.options import LLAMA_LINEAR_MODULES
+from tests.conftest import ROOT, apply_lora, load_trained, run_train
 from tests.test_distributed import accelerate_train
 from tests.test_train import FAST, predictions
 
@@ -42,37 +33,21 @@ def dequantized(module) -> torch.Tensor:
 def qlora_run(tiny_model_dir, tmp_path_factory):
     """One QLoRA run, with the in-memory model captured before saving."""
     captured = {}
-    original = train.save_output
+    original = phases.save_run
 
-    def capture(accelerator, train_model, *args):
-        model = accelerator.unwrap_model(train_model).model
+    def capture(cfg, launch, task, trainable, *args):
+        model = launch.accelerator.unwrap_model(trainable.model)
         captured["model"] = model
         captured["packed"] = {n: dequantized(m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-        return original(accelerator, train_model, *args)
+        return original(cfg, launch, task, trainable, *args)
 
     out = tmp_path_factory.mktemp("qlora")
-    train.save_output = capture
+    phases.save_run = capture
     try:
-        cfg = cfglib.parse_config(
-            train.TrainConfig,
-            [
-                "--model",
-                tiny_model_dir,
-                "--method",
-                "qlora",
-                "--lr",
-                "1e-2",
-                "--output-dir",
-                str(out),
-                "--eval-before",
-                "false",
-                *FAST,
-            ],
-            "",
-        )
-        train.main(cfg)
+        argv = ["--model", tiny_model_dir, "--method", "qlora", "--lr", "1e-2", "--output-dir", str(out)]
+        run_train([*argv, "--eval-before", "false", *FAST])
     finally:
-        train.save_output = original
+        phases.save_run = original
     return captured, out
 
 
@@ -81,7 +56,7 @@ def test_qlora_trains_the_adapter_and_leaves_the_4bit_base_unchanged(qlora_run, 
     fresh = load_model(
         tiny_model_dir,
         torch.float32,
-        quantization_config=train.quantization_config(torch.float32, torch.uint8),
+        quantization_config=quantization_config(torch.float32, torch.uint8),
         device_map="cpu",
     )
     fresh = prepare_for_kbit(fresh, False)  # read through the kernel training uses, as `captured` was
@@ -103,7 +78,7 @@ def test_qlora_gradients_after_an_evaluation_equal_lora_on_the_dequantised_base(
     (bitsandbytes' CPU inference repacking has no backward; prepare_for_kbit keeps it off. Without that, on an
     AVX512-BF16 CPU like this project's, the LoRA-A gradients here were off by 30-100%.)
     """
-    quant = train.quantization_config(torch.float32, torch.uint8)
+    quant = quantization_config(torch.float32, torch.uint8)
     models = [
         prepare_for_kbit(load_model(tiny_model_dir, quantization_config=quant, device_map="cpu"), False),
         dequantized_base(tiny_model_dir, "uint8"),
@@ -142,14 +117,8 @@ def test_qlora_adapter_reloads_onto_a_fresh_4bit_base_and_predicts_identically(q
 
 def test_merged_lora_predicts_like_base_plus_adapter(tiny_model_dir, tokenizer, tmp_path):
     out = tmp_path / "lora"
-    train.main(
-        cfglib.parse_config(
-            train.TrainConfig,
-            ["--model", tiny_model_dir, "--lr", "1e-2", "--output-dir", str(out), "--eval-before", "false", *FAST],
-            "",
-        )
-    )
-    merged = load_trained(merge_adapter(out, tmp_path / "merged")).eval()
+    run_train(["--model", tiny_model_dir, "--lr", "1e-2", "--output-dir", str(out), "--eval-before", "false", *FAST])
+    merged = load_trained(merge_run(out, tmp_path / "merged")).eval()
     assert not hasattr(merged, "peft_config")
     adapter = predictions(load_trained(out).eval(), tokenizer, out)
     torch.testing.assert_close(predictions(merged, tokenizer, out), adapter, rtol=1e-5, atol=1e-4)
@@ -158,7 +127,7 @@ def test_merged_lora_predicts_like_base_plus_adapter(tiny_model_dir, tokenizer, 
 def test_merged_qlora_predicts_like_the_quantised_base_plus_adapter(qlora_run, tokenizer, tmp_path):
     """Merged onto the de-quantised nf4 base. Tolerance 1e-3 on label log-likelihoods (stated in the README)."""
     captured, out = qlora_run
-    merged = load_trained(merge_adapter(out, tmp_path / "merged")).eval()
+    merged = load_trained(merge_run(out, tmp_path / "merged")).eval()
     with_adapter = predictions(load_trained(out).eval(), tokenizer, out)
     got = predictions(merged, tokenizer, out)
     assert (got - with_adapter).abs().max() < 1e-3
@@ -167,26 +136,31 @@ def test_merged_qlora_predicts_like_the_quantised_base_plus_adapter(qlora_run, t
 
 SUPPORTED = {  # (method, launch, device) cells that must pass the check
     (m, launch, d)
-    for m in ("full", "lora", "qlora")
+    for m in ("full", "lora", "qlora", "dora")
     for launch in LAUNCHES
     for d in ("cpu", "cuda")
     if not (launch == "fsdp" and d == "cpu") and not (m == "qlora" and launch == "zero3-offload")
 }
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_every_method_is_in_the_matrix():
+    assert set(METHODS) == {"full", "lora", "qlora", "dora"}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_compatibility_matrix(method, launch, device):
     compute = "bf16" if device == "cuda" else "fp32"
+    check = get_method(method).check
     if (method, launch, device) in SUPPORTED:
-        check_compatibility(method, launch, device, quant_storage=compute, compute_dtype=compute)
+        check(launch, device, quant_storage=compute, compute_dtype=compute)
         if method == "qlora" and launch in ("zero3", "fsdp"):
             with pytest.raises(IncompatibleLaunch, match=f"--bnb-quant-storage {compute}"):
-                check_compatibility(method, launch, device, quant_storage="uint8", compute_dtype=compute)
+                check(launch, device, quant_storage="uint8", compute_dtype=compute)
     else:
         with pytest.raises(IncompatibleLaunch, match="Use accelerate_configs/"):
-            check_compatibility(method, launch, device, quant_storage=compute, compute_dtype=compute)
+            check(launch, device, quant_storage=compute, compute_dtype=compute)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import statistics
 import pytest
 
 from arxiv_ft import baseline, report
+from arxiv_ft.ledger import LedgerError, validate_ledger
 from tests.conftest import ASSETS, ROOT
 
 LEDGERS = ROOT / "tests" / "fixtures" / "ledgers"
@@ -28,7 +29,7 @@ def built(tmp_path_factory):
 
 def test_fixture_ledgers_are_valid():
     for path in report.find_ledgers([LEDGERS]):
-        assert report.validate_ledger(json.loads(path.read_text())) == [], path
+        assert validate_ledger(json.loads(path.read_text())) == [], path
 
 
 def test_report_has_every_run_and_method_rows(built):
@@ -72,30 +73,29 @@ def test_plots_are_valid_pngs(built):
 
 def test_validation_names_the_problems(tmp_path):
     good = _fixture("lora-s0")
-    assert report.validate_ledger(good) == []
+    assert validate_ledger(good) == []
     bad = copy.deepcopy(good)
     bad["method"] = "lorax"
     bad["task"]["after"] = {"accuracy": "high"}
     del bad["forgetting"]["delta"]["mc_delta"]
-    problems = report.validate_ledger(bad)
+    problems = validate_ledger(bad)
     assert any("lorax" in p for p in problems) and any("task.after" in p for p in problems)
     assert any("forgetting" in p for p in problems)
-    assert report.validate_ledger({"ledger_version": 1}) and report.validate_ledger([]) == ["not a JSON object"]
+    assert validate_ledger({"ledger_version": 1}) and validate_ledger([]) == ["not a JSON object"]
 
     (tmp_path / "runs" / "broken").mkdir(parents=True)
     (tmp_path / "runs" / "broken" / "ledger.json").write_text(json.dumps(bad))
-    with pytest.raises(report.LedgerError, match="broken"):
+    with pytest.raises(LedgerError, match="broken"):
         report.build_report([tmp_path / "runs", LEDGERS], tmp_path / "out")
     summary = report.build_report([tmp_path / "runs", LEDGERS], tmp_path / "out", skip_invalid=True)
     assert len(summary["runs"]) == 5 and len(summary["skipped"]) == 1
 
 
 def test_tfidf_baseline_on_shipped_samples_writes_a_ledger(tmp_path):
-    cfg = baseline.BaselineConfig(out=str(tmp_path / "tfidf" / "ledger.json"))
-    ledger = baseline.main(cfg)
+    ledger = baseline.main(["--out", str(tmp_path / "tfidf" / "ledger.json")])
     assert ledger["data"]["n_train"] == 2100 and ledger["data"]["n_eval"] == 420
     assert ledger["task"]["after"]["accuracy"] > 0.5  # chance is 1/21; the reference split gives ~0.69 at 2,000
-    assert report.validate_ledger(json.loads((tmp_path / "tfidf" / "ledger.json").read_text())) == []
+    assert validate_ledger(json.loads((tmp_path / "tfidf" / "ledger.json").read_text())) == []
     assert (tmp_path / "tfidf" / "metrics.json").is_file()
     assert len(ledger["data"]["labels"]) == len((ASSETS / "cs-labels.txt").read_text().split())
 

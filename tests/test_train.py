@@ -10,14 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
 from arxiv_ft import config as cfglib
-from arxiv_ft.data import PromptBuilder
-from arxiv_ft.modeling import load_model, load_tokenizer, load_trained
-from arxiv_ft.prompts import get_template
-from arxiv_ft.records import read_records
-from arxiv_ft.scoring import LabelScorer
-from tests.conftest import ASSETS, ROOT
+from arxiv_ft.modeling import load_model, load_tokenizer
+from arxiv_ft.options import TrainConfig
+from tests.conftest import ASSETS, ROOT, capture_trained_model, load_trained, run_predictions, run_train
 
 FAST = [
     "--train-per-class",
@@ -36,34 +32,14 @@ FAST = [
 
 
 def run(argv):
-    return train.main(cfglib.parse_config(train.TrainConfig, argv, ""))
+    return run_train(argv)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def predictions(model, tokenizer, out_dir, n=21):
-    labels = (out_dir / "labels.txt").read_text().split()
-    cfg = json.loads((out_dir / "train_config.json").read_text())
-    builder = PromptBuilder(tokenizer, get_template(cfg["template"]), labels, cfg["max_seq_tokens"])
-    records = list(read_records(ASSETS / "cs-validation-sample.jsonl"))[:n]
-    scorer = LabelScorer(model, builder, tokenizer.pad_token_id)
-    prompts = [builder.prompt_ids(r) for r in records]
-    return scorer.score_prompts([p for p in prompts if p is not None])
-
-
-def capture_trained_model(monkeypatch) -> dict:
-    """Make train.main hand over its in-memory model (as it is just before saving) in the returned dict."""
-    captured = {}
-    original = train.save_output
-
-    def capture(accelerator, train_model, *args):
-        captured["model"] = accelerator.unwrap_model(train_model).model
-        return original(accelerator, train_model, *args)
-
-    monkeypatch.setattr(train, "save_output", capture)
-    return captured
+predictions = run_predictions
 
 
 def test_lora_trains_only_the_adapter_and_reloads_identically(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
@@ -164,7 +140,7 @@ def test_compiled_run_matches_eager_run(tiny_model_dir, tmp_path):
 
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for field in train.TrainConfig.__dataclass_fields__:
+    for field in TrainConfig.__dataclass_fields__:
         assert "--" + field.replace("_", "-") in out.stdout
 
 
@@ -174,7 +150,7 @@ def test_unknown_option_and_bad_values_are_named(tmp_path):
         assert res.returncode == 2
         return res.stderr
 
-    assert "--learning-rate" in fails("--learning-rate", "1")
+    assert "--learnin-rate" in fails("--learnin-rate", "1")
     assert "--method" in fails("--method", "qlora-ish")
     preset = tmp_path / "p.yaml"
     preset.write_text("lr: 1e-4\nepochz: 2\n")
@@ -193,7 +169,7 @@ def test_unknown_label_in_data_is_an_error_naming_it(tiny_model_dir, tmp_path):
 def test_preset_values_apply_and_flags_override(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("lr: 0.001\nmethod: full\nepochs: 2\n")
-    cfg = cfglib.parse_config(train.TrainConfig, ["--config", str(preset), "--epochs", "3"], "")
+    cfg = cfglib.parse_config(TrainConfig, ["--config", str(preset), "--epochs", "3"], "")
     assert (cfg.lr, cfg.method, cfg.epochs) == (0.001, "full", 3.0)
 
 

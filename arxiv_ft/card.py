@@ -1,0 +1,121 @@
+"""The model card every run folder carries (README.md, a `huggingface_hub.ModelCard`), and the upload to the Hub.
+
+The card says what someone receiving the folder needs: the base model by Hub id, the label set and prompt, accuracy
+and macro-F1 before and after (and TF-IDF on the same papers), forgetting, cost, and the command that made it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _row(name: str, scores: dict | None) -> str:
+    if not scores:
+        return f"| {name} | — | — |"
+    return f"| {name} | {_pct(scores['accuracy'])} | {_pct(scores['macro_f1'])} |"
+
+
+def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
+    """The README.md text of a run folder (YAML metadata + markdown)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub_id = base.get("hub_id")
+    adapter = cfg.method != "full"
+    data = ModelCardData(
+        base_model=hub_id,
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag="text-generation",
+        tags=["arxiv-ft", "arxiv", "text-classification", cfg.method],
+        license=None,
+    )
+    score = lambda when: (metrics.get(when) or {}).get("score")  # noqa: E731
+    tfidf = metrics.get("tfidf") or {}
+    delta = (metrics.get("forgetting") or {}).get("delta")
+    cost = metrics["cost"]
+    forgetting = (
+        f"WikiText-2 perplexity {delta['ppl_before']:.2f} → {delta['ppl_after']:.2f}; general multiple choice "
+        f"{_pct(delta['mc_before'])} → {_pct(delta['mc_after'])} ({delta['mc_items_lost']} items lost, "
+        f"{delta['mc_items_gained']} gained)"
+        if delta
+        else "not measured (--probes false)"
+    )
+    device = f"{cost['device_count']} × {cost['device_type']}"
+    lines = [
+        f"# arXiv primary-category classifier ({cfg.method} on {hub_id or base.get('name')})",
+        "",
+        f"Fine-tuned with [arxiv-ft](https://github.com/) to name an arXiv paper's primary category among "
+        f"{len(task.labels)} labels from its title and abstract. It answers with the category id followed by the "
+        "end-of-turn token; arxiv-ft scores every allowed label (constrained, with probabilities).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from arxiv_ft import Classifier",
+        'clf = Classifier.from_pretrained("THIS_FOLDER")',
+        'clf.predict([{"title": "...", "abstract": "..."}], top_k=3)',
+        "```",
+        "",
+        "or `python infer.py --model-dir THIS_FOLDER --input papers.jsonl --output preds.jsonl`.",
+        "",
+        "## Task",
+        "",
+        f"- labels: {', '.join(task.labels)}",
+        f"- prompt: template `{task.prompt.template}`, {task.prompt.max_seq_tokens} tokens "
+        f"({'the paper alone' if task.prompt.token_budget == 'paper' else 'in all'}); chat variables pinned: "
+        f"{task.prompt.chat_kwargs or 'none'}",
+        f"- training data: {len(task.examples)} papers from `{cfg.train_file}`; evaluation: "
+        f"{len(task.eval_records)} papers from `{cfg.eval_file}`",
+        f"- objective: {cfg.objective}; {cfg.epochs:g} epoch(s), {metrics['train']['steps']} steps, batch "
+        f"{cfg.batch_size}×{cfg.grad_accum_steps}, lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed}",
+        "",
+        "## Results (evaluation papers)",
+        "",
+        "| model | accuracy | macro-F1 |",
+        "|---|---|---|",
+        _row("base model, zero-shot", score("before")),
+        _row("this fine-tune", score("after")),
+        _row("TF-IDF + linear SVM, same papers, same text", tfidf.get("llm_text")),
+        _row("TF-IDF + linear SVM, same papers, full abstract", tfidf.get("full_text")),
+        "",
+        f"Forgetting: {forgetting}.",
+        "",
+        f"Cost: {cost['wall_seconds'] / 60:.1f} min wall on {device} ({cost['train_seconds'] / 60:.1f} min "
+        f"training), {cost['trainable_parameters']:,} trainable of {cost['total_parameters']:,} parameters, peak "
+        f"memory {cost['peak_memory_bytes'] / 2**30:.2f} GiB.",
+        "",
+        "## Base model",
+        "",
+        f"`{base.get('name')}` (Hub id `{hub_id}`, revision `{base.get('revision')}`, weights fingerprint "
+        f"`{base.get('fingerprint')}`).",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "The resolved configuration is in `train_config.json`, every figure in `metrics.json`, the run record in "
+        "`ledger.json`.",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def push_run(run_dir: str | Path, repo_id: str, private: bool = True) -> str:
+    """Upload a run folder (without checkpoints) to a Hub model repo; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(run_dir),
+        repo_type="model",
+        ignore_patterns=["checkpoints/*", "best.*", "*.partial/*", "logs/*", ".lock"],
+        commit_message="arxiv-ft run",
+    )
+    return str(url)

@@ -1,0 +1,99 @@
+"""Files that are never seen half-written, and a lock that keeps two runs out of one folder.
+
+Every file the project writes for a reader goes through `atomic_write`: a temporary file in the same folder,
+fsynced, renamed over the target, and the folder fsynced, so after a crash or a power loss a reader finds the old
+file or the new one, never a torn one. No heavy imports: the command-line `--help` path imports this.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new file in `path` durable (the directory entry itself must reach the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a fsynced temporary file and a rename; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Readable JSON, written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path):
+    """The JSON in a file."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file and folder under `folder` (for files written by libraries that do not fsync)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        fsync_dir(path)
+    fsync_dir(folder)
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder (a `.lock` file held with flock) for the life of a process.
+
+    Two identical runs started at once would both do all the work and overwrite each other's files; the second one
+    stops at once instead. The kernel releases the lock when the process dies, however it dies.
+    """
+
+    def __init__(self, folder: str | Path, name: str = ".lock"):
+        self.path = Path(folder) / name
+        self._fh = None
+
+    def acquire(self, what: str) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            message = f"{self.path.parent} is in use by {holder}: {what} refuses to run in it at the same time"
+            raise SystemExit(message) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None

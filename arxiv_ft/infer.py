@@ -1,0 +1,367 @@
+"""Classify arXiv papers into their primary category with a fine-tuned (or a base) causal LM; sharded, resumable.
+
+    accelerate launch infer.py --model-dir runs/default --input papers.jsonl.gz --output preds.jsonl
+    accelerate launch --num_processes 8 infer.py --model-dir runs/x --input 'dump/part*.jsonl.gz' --output p.jsonl
+    arxiv-ft infer --model-dir runs/default --arxiv-ids 2401.12345,cs/0101001 --output preds.jsonl
+    arxiv-ft infer --model smollm2-135m --labels cs.LG,cs.CL --query 'cat:cs.*' --max-results 200 --output o.jsonl
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no --main_process_port 29511 infer.py ...      # 2 processes on CPU (gloo)
+
+Each input item (a record, or a line that could not become one) gets an index: its position in the input stream
+(files in the order given, blank lines not counted). Every process takes the indices i with i % world == rank;
+the output is sharded and resumable (arxiv_ft/shards.py): rerunning the same command after a crash or a requeue
+skips what was written. `--model-dir` takes a run folder, one of its checkpoints, or best/; the label set and prompt
+come from it, so inference cannot drift from training. More rejects than `--max-reject-fraction` of all items: exit
+status 3, after everything good was written.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from arxiv_ft.options import InferConfig
+
+logger = logging.getLogger("arxiv_ft")
+DEFAULT_MAX_SEQ_TOKENS = 192  # train's default budget, for zero-shot runs
+
+
+def infer(cfg: InferConfig) -> dict:
+    """Classify this process's share of the input, then (process 0) merge; returns the summary on every process."""
+    # Heavy libraries load here, after the command line is parsed: `--help` and a bad option answer at once.
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
+
+    from arxiv_ft.modeling import resolve_dtype, set_cpu_threads
+    from arxiv_ft.shards import ShardedOutput
+
+    # ACCELERATE_USE_CPU: what Accelerator() reads, but PartialState() alone ignores (it then starts 1 process).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    rank, world = state.process_index, state.num_processes
+    if state.device.type == "cpu":
+        set_cpu_threads(cfg.cpu_threads)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) != world:
+        raise SystemExit(f"launcher says WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate started {world}")
+    output = ShardedOutput(cfg.output, rank, world)
+    spec = resolve_task(cfg)
+    paths = expand_inputs(cfg.input) if cfg.input else [output.side("input.jsonl")]
+    refuse_overwriting_inputs(output, paths if cfg.input else [])
+    dtype = resolve_dtype(cfg.dtype, state.device)
+    run = run_record(cfg, spec, paths, dtype)
+    lock = claim(output, state)
+    output.check_run(run)  # every process checks, so all of them stop alike
+    if state.is_main_process:
+        output.write_run(run)
+        if not cfg.input and not paths[0].exists():
+            fetch_to_file(cfg, paths[0])  # once: every process and every restart then sees the same papers
+    state.wait_for_everyone()
+    done = output.done()
+    n_done_before = len(done)
+    state.wait_for_everyone()  # nobody truncates or appends until everybody has read the parts
+
+    load_started = time.perf_counter()
+    classifier = load_classifier(cfg, spec, state.device, dtype)
+    load_seconds = time.perf_counter() - load_started
+
+    started = time.perf_counter()
+    total = _count_lines(paths[0]) if not cfg.input else None  # a fetched list has a known length; a stream not
+    mine_total = None if total is None else len([i for i in range(rank, total, world) if i not in done])
+    counts, n_items = {"predicted": 0, "rejected": 0}, 0
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=mine_total, unit="paper", desc="infer", disable=not (cfg.progress and state.is_main_process))
+    output.open()
+    try:
+        window = []
+        for index, item in enumerate(iter_items(paths)):
+            n_items = index + 1
+            if index % world != rank or index in done:
+                continue
+            window.append((index, *item))
+            if len(window) >= cfg.window_batches * cfg.batch_size:
+                classify_window(classifier, window, cfg, output, counts, progress)
+                window = []
+        if window:
+            classify_window(classifier, window, cfg, output, counts, progress)
+    finally:
+        output.close()
+        progress.close()
+    seconds = time.perf_counter() - started
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ranks = gather_object([{"rank": rank, "seconds": seconds, "peak_rss_bytes": peak_rss, **counts}])
+
+    if state.is_main_process:
+        merged = output.merge(spec["labels"], n_items)
+        n_rejected = merged["n_rejected"]
+        wall = max(r["seconds"] for r in ranks)
+        predicted = sum(r["predicted"] for r in ranks)
+        summary = {
+            "output": str(output.out),
+            "rejects": str(output.side("rejects.jsonl")),
+            "n_items": n_items,
+            **merged,
+            "reject_fraction": n_rejected / n_items if n_items else 0.0,
+            "max_reject_fraction": cfg.max_reject_fraction,
+            "over_reject_limit": n_items > 0 and n_rejected / n_items > cfg.max_reject_fraction,
+            "this_run": {
+                "world_size": world,
+                "already_done_at_start": n_done_before,
+                "processed": sum(r["predicted"] + r["rejected"] for r in ranks),
+                "load_seconds": load_seconds,
+                "seconds": wall,  # the slowest process, from its first read to its last write
+                "papers_per_second": predicted / wall if wall > 0 else None,
+                "peak_rss_bytes": max(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *(r["peak_rss_bytes"] for r in ranks)
+                ),  # one process, merge included
+                "per_process": ranks,
+            },
+        }
+        output.write_summary(summary)
+        m = summary["metrics"]
+        logger.info(
+            f"{summary['n_predicted']} predicted, {n_rejected} rejected of {n_items} -> {output.out}"
+            + (f"; accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})" if m else "")
+        )
+    state.wait_for_everyone()
+    lock.release()
+    return json.loads(Path(output.side("summary.json")).read_text())
+
+
+def resolve_task(cfg: InferConfig) -> dict:
+    """Labels, prompt spec (and the run folder): from the training output folder, or from the zero-shot options."""
+    from arxiv_ft import records as rec
+    from arxiv_ft.prompts import PromptSpec, get_template
+
+    if not cfg.model_dir:
+        if cfg.labels.startswith("top:"):
+            raise SystemExit("--labels top:K needs a training file; give a label file or comma-separated labels")
+        try:
+            labels = rec.label_set(cfg.labels, "")
+            spec = PromptSpec(
+                cfg.template or PromptSpec.template,
+                cfg.max_seq_tokens or DEFAULT_MAX_SEQ_TOKENS,
+                cfg.token_budget or PromptSpec.token_budget,
+            )
+            get_template(spec.template)
+        except ValueError as exc:
+            raise SystemExit(f"--labels/--template: {exc}") from None
+        return {"labels": labels, "prompt": spec, "run": None}
+    from arxiv_ft.rundir import RunDir
+
+    run = RunDir(cfg.model_dir).check()
+    labels, spec, trained = run.labels(), run.prompt(), run.config()
+    for key in ("template", "max_seq_tokens"):
+        if key in trained and trained[key] != getattr(spec, key):
+            raise SystemExit(
+                f"{run.path}: prompt.json says {key}={getattr(spec, key)!r}, train_config.json {trained[key]!r}"
+            )
+    try:
+        get_template(spec.template)
+    except ValueError as exc:
+        raise SystemExit(f"{run.path}/prompt.json: {exc} (was the model trained by another arxiv_ft?)") from None
+    # Inference must not drift from training: an option that disagrees with the folder is an error, not an override.
+    given = {
+        "labels": cfg.labels and rec.label_set(cfg.labels, ""),
+        "template": cfg.template,
+        "max_seq_tokens": cfg.max_seq_tokens,
+        "token_budget": cfg.token_budget,
+    }
+    saved = {"labels": labels, "template": spec.template, "max_seq_tokens": spec.max_seq_tokens}
+    saved["token_budget"] = spec.token_budget
+    for key, value in given.items():
+        if value and value != saved[key]:
+            raise SystemExit(f"--{key.replace('_', '-')} {value!r} differs from what {run.path} was trained with")
+    return {"labels": labels, "prompt": spec, "run": run}
+
+
+def run_record(cfg: InferConfig, spec: dict, paths, dtype) -> dict:
+    """What decides the content of an output line; a resumed output must agree with all of it."""
+    from arxiv_ft.modeling import ModelSource
+
+    if spec["run"] is not None:
+        model = {"model_dir": str(spec["run"].path.resolve()), "fingerprint": spec["run"].fingerprint()}
+    else:
+        model = {"model": cfg.model, "fingerprint": ModelSource(cfg.model).record()["fingerprint"]}
+    source = {"arxiv_ids": cfg.arxiv_ids.split(",")} if cfg.arxiv_ids else {}
+    if cfg.query:
+        source = {"query": cfg.query, "max_results": cfg.max_results, "sort_by": cfg.sort_by}
+    return {
+        **model,
+        "labels": spec["labels"],
+        **spec["prompt"].to_json(),
+        "mode": cfg.mode,
+        "top_k": cfg.top_k if cfg.mode == "score" else None,
+        "max_new_tokens": cfg.max_new_tokens if cfg.mode == "generate" else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "input": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths] if cfg.input else source,
+    }
+
+
+def refuse_overwriting_inputs(output, inputs) -> None:
+    """The output (or a file beside it) must not be one of the inputs: merging would replace the input."""
+    mine = [output.out, output.side("rejects.jsonl"), output.side("summary.json"), output.side("run.json")]
+    resolved = {p.resolve() for p in inputs}
+    clash = [str(p) for p in mine if p.resolve() in resolved]
+    if clash:
+        raise SystemExit(f"--output {output.out} would overwrite the input {clash[0]}: choose another output name")
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def claim(output, state):
+    """Lock the output for this run (a second identical run stops at once instead of redoing the work)."""
+    from accelerate.utils import broadcast_object_list
+
+    from arxiv_ft.fileio import FolderLock
+
+    problem, lock = [None], _NoLock()
+    if state.is_main_process:
+        try:
+            lock = FolderLock(output.out.parent, f".{output.out.name}.lock").acquire("infer")
+        except SystemExit as exc:
+            problem = [str(exc)]
+    if state.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise SystemExit(problem[0])
+    return lock
+
+
+def load_classifier(cfg: InferConfig, spec: dict, device, dtype):
+    """The model to classify with: a run folder's, or a base model (zero-shot)."""
+    from arxiv_ft.classifier import Classifier
+    from arxiv_ft.data import PromptBuilder
+    from arxiv_ft.modeling import load_model, load_tokenizer
+
+    if spec["run"] is not None:
+        run = spec["run"]
+        model = run.load_model(dtype, cfg.trust_remote_code)
+        tokenizer, head = run.load_tokenizer(cfg.trust_remote_code), run.load_head(device)
+    else:
+        model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        tokenizer, head = load_tokenizer(cfg.model, cfg.trust_remote_code), None
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"the tokenizer of {cfg.model!r} has no chat template: zero-shot needs a chat model")
+    builder = PromptBuilder.from_spec(tokenizer, spec["prompt"], spec["labels"])
+    return Classifier(model.to(device).eval(), tokenizer, builder, head)
+
+
+def expand_inputs(spec: str):
+    """Comma-separated paths or globs (each glob sorted by name), in the order given; each must exist."""
+    paths = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches or not all(Path(p).is_file() for p in matches):
+            raise SystemExit(f"--input {item!r}: no such file")
+        paths += [Path(p) for p in matches]
+    return paths
+
+
+def fetch_to_file(cfg: InferConfig, path) -> None:
+    """Fetch the papers named by --arxiv-ids or --query into a JSONL file, atomically."""
+    from arxiv_ft.arxiv_api import ArxivAPIError, ArxivClient
+    from arxiv_ft.shards import write_input_file
+
+    client = ArxivClient(base_url=cfg.api_base_url, min_interval_s=cfg.api_min_interval_s)
+    try:
+        if cfg.arxiv_ids:
+            asked = [s.strip() for s in cfg.arxiv_ids.split(",") if s.strip()]
+            records = client.fetch_ids(asked)
+            if len(records) < len(asked):
+                logger.warning(f"{len(asked) - len(records)} of {len(asked)} ids not found by the arXiv API")
+        else:
+            records = list(client.search(cfg.query, max_results=cfg.max_results, sort_by=cfg.sort_by))
+    except ArxivAPIError as exc:
+        raise SystemExit(f"arXiv API: {exc}") from None
+    if client.skipped_entries:
+        logger.warning(f"skipped {len(client.skipped_entries)} API entries with no id or no category")
+    n = write_input_file(records, path)
+    logger.info(f"fetched {n} papers from {cfg.api_base_url} into {path}")
+
+
+def iter_items(paths):
+    """(path, line or row number, Record or Reject) for every non-blank line / row of every file, in order."""
+    from arxiv_ft import records as rec
+
+    for path in paths:
+        for line_no, item in rec.iter_records_and_rejects(path):
+            yield str(path), line_no, item
+
+
+def classify_window(classifier, window: list, cfg: InferConfig, output, counts: dict, progress) -> None:
+    """Classify one window of (index, path, line_no, item): rejects first, then length-sorted batches."""
+    import torch
+
+    from arxiv_ft import records as rec
+
+    lines, todo = [], []
+    for index, path, line_no, item in window:
+        prompt = None if isinstance(item, rec.Reject) else classifier.builder.prompt_ids(item)
+        if isinstance(item, rec.Reject):
+            lines.append({"index": index, "reject": item.to_json()})
+        elif prompt is None:
+            reason = f"prompt does not fit max_seq_tokens={classifier.builder.max_seq_tokens} even with no abstract"
+            reject = rec.Reject(path, line_no, reason, json.dumps(item.to_json(), ensure_ascii=False))
+            lines.append({"index": index, "reject": reject.to_json() | {"true": item.primary}})
+        else:
+            todo.append((index, item, prompt))
+    counts["rejected"] += len(lines)
+    output.write(lines)
+    progress.update(len(lines))
+    todo.sort(key=lambda t: len(t[2]))  # similar lengths in a batch: little padding
+    k = min(cfg.top_k, len(classifier.labels))
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start : start + cfg.batch_size]
+        lines = []
+        if cfg.mode == "score":
+            with torch.no_grad():
+                top_p, top_i = classifier.probabilities([p for _, _, p in batch]).topk(k, dim=-1)
+            for row, (index, record, _) in enumerate(batch):
+                top = [[classifier.labels[i], round(p, 6)] for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]
+                lines.append(
+                    {"index": index, "id": record.id, "predicted": top[0][0], "top_k": top, "true": record.primary}
+                )
+        else:
+            gens = classifier.generate([r for _, r, _ in batch], len(batch), cfg.max_new_tokens)
+            for (index, record, _), (text, label) in zip(batch, gens):
+                line = {"index": index, "id": record.id, "predicted": label, "top_k": None, "true": record.primary}
+                lines.append(line | {"generated": text})
+        output.write(lines)
+        counts["predicted"] += len(lines)
+        progress.update(len(lines))
+        progress.set_postfix(rejected=counts["rejected"], refresh=False)
+
+
+def _count_lines(path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The command line: exit 3 when more than --max-reject-fraction of the items were rejected."""
+    from arxiv_ft.config import parse_config
+    from arxiv_ft.logs import setup_logging
+
+    cfg = parse_config(InferConfig, argv, __doc__, prog)
+    setup_logging()
+    summary = infer(cfg)
+    if summary["over_reject_limit"]:
+        logger.error(
+            f"{summary['n_rejected']} of {summary['n_items']} input items rejected "
+            f"({summary['reject_fraction']:.2%} > --max-reject-fraction {summary['max_reject_fraction']:.2%}); "
+            f"see {summary['rejects']}. Every good record was still classified into {summary['output']}."
+        )
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The ledger: one typed, self-describing record of a run (task scores, forgetting, cost, provenance).
+
+`train` and the TF-IDF baseline write it; only the report reads it. `Ledger.from_json` validates, so a hand-edited
+or foreign file is refused with every problem named, before any figure is computed from it. Version 1 files written
+before the optional per-paper outcomes (`task.after.ids` / `correct`, used by the report's paired bootstrap) still
+read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from arxiv_ft.fileio import write_json
+
+LEDGER_VERSION = 1
+# Methods that are not fine-tuning methods: the base model alone, and the classical baselines.
+BASELINE_METHODS = ("zero-shot", "tfidf-svm", "tfidf-logreg")
+
+
+class LedgerError(ValueError):
+    """A ledger file that is not a valid ledger; the message names the file and every problem."""
+
+
+def known_methods() -> tuple[str, ...]:
+    """Every method a ledger may name: zero-shot, the fine-tuning methods (from their table), the baselines."""
+    from arxiv_ft.methods import METHODS
+
+    return ("zero-shot", *METHODS, *BASELINE_METHODS[1:])
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass
+class Ledger:
+    """One run. `task` holds "after" (scores), and where measured "before" (the zero-shot model), "tfidf" (TF-IDF on
+    the same papers reading the prompt's text) and "tfidf_full_text" (the full abstract). Scores are {"accuracy",
+    "macro_f1", "n"} and optionally the per-paper `ids` and `correct` (0/1)."""
+
+    run_id: str
+    method: str
+    seed: int
+    model: str
+    config: dict
+    data: dict  # train_file, eval_file, n_train, n_eval, labels
+    task: dict
+    forgetting: dict | None  # {"base", "tuned", "delta"} from arxiv_ft.forgetting, or None when not probed
+    cost: dict | None  # wall/train seconds, device type/count/hours, tokens, MFU, memory, parameters, bytes, money
+    train: dict  # {"loss_curve": [...], "steps": n}
+    versions: dict = dataclasses.field(default_factory=dict)
+    git_revision: str | None = None
+    created: str = ""
+    ledger_version: int = LEDGER_VERSION
+    run_name: str | None = None  # --run-name (the trackers' name); run_id is the output folder's name
+    _note: str | None = None  # free text that travels into the report (fixtures say they are fabricated)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        for optional in ("_note", "run_name"):
+            if data[optional] is None:
+                del data[optional]
+        return data
+
+    @classmethod
+    def from_json(cls, data, where: str = "ledger") -> Ledger:
+        """A validated ledger; every problem is named in one LedgerError."""
+        problems = validate_ledger(data)
+        if problems:
+            raise LedgerError(f"{where}: " + "; ".join(problems))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+    @classmethod
+    def read(cls, path: str | Path) -> Ledger:
+        """Read and validate one ledger file; a problem is a LedgerError naming the file."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LedgerError(f"{path}: {exc}") from None
+        return cls.from_json(data, str(path))
+
+    def write(self, path: str | Path) -> Path:
+        """Validate, then write atomically: an invalid ledger is a bug here, not a surprise for the report."""
+        problems = validate_ledger(self.to_json())
+        if problems:
+            raise LedgerError(f"refusing to write an invalid ledger to {path}: {'; '.join(problems)}")
+        return write_json(path, self.to_json())
+
+
+def validate_ledger(d) -> list[str]:
+    """Every problem with a ledger record, as short messages; an empty list means it is valid."""
+    if not isinstance(d, dict):
+        return ["not a JSON object"]
+    required = [f.name for f in dataclasses.fields(Ledger) if f.name not in ("_note", "run_name")]
+    problems = [f"missing key {k!r}" for k in required if k not in d]
+    if problems:
+        return problems
+    if d["ledger_version"] != LEDGER_VERSION:
+        problems.append(f"ledger_version {d['ledger_version']!r}, this reader knows {LEDGER_VERSION}")
+    if not isinstance(d["run_id"], str) or not d["run_id"]:
+        problems.append("run_id must be a non-empty string")
+    if d["method"] not in known_methods():
+        problems.append(f"method {d['method']!r} not one of {', '.join(known_methods())}")
+    if not isinstance(d["seed"], int):
+        problems.append("seed must be an integer")
+    data = d["data"]
+    if not isinstance(data, dict) or not all(_is_number(data.get(k)) for k in ("n_train", "n_eval")):
+        problems.append("data must hold n_train and n_eval")
+    task = d["task"]
+    if not isinstance(task, dict) or not isinstance(task.get("after"), dict):
+        problems.append("task.after is required")
+    else:
+        for when in ("before", "after", "tfidf", "tfidf_full_text"):
+            scores = task.get(when)
+            if scores is None:
+                continue
+            if not isinstance(scores, dict) or not all(_is_number(scores.get(k)) for k in ("accuracy", "macro_f1")):
+                problems.append(f"task.{when} needs numeric accuracy and macro_f1")
+            elif (scores.get("ids") is None) != (scores.get("correct") is None) or (
+                scores.get("ids") is not None and len(scores["ids"]) != len(scores["correct"])
+            ):
+                problems.append(f"task.{when}: ids and correct must come together, one outcome per paper")
+    forgetting = d["forgetting"]
+    if forgetting is not None:
+        parts = [forgetting.get(k) if isinstance(forgetting, dict) else None for k in ("base", "tuned", "delta")]
+        delta = parts[2]
+        if not all(isinstance(p, dict) for p in parts) or not all(
+            _is_number(delta.get(k)) for k in ("ppl_delta", "mc_delta")
+        ):
+            problems.append("forgetting must be null or hold base, tuned and a delta with ppl_delta and mc_delta")
+    cost = d["cost"]
+    if cost is not None:
+        if not isinstance(cost, dict):
+            problems.append("cost must be an object or null")
+        else:
+            bad = [k for k, v in cost.items() if v is not None and k != "device_type" and not _is_number(v)]
+            problems.extend(f"cost.{k} must be a number or null" for k in bad)
+    train = d["train"]
+    if not isinstance(train, dict) or not all(_is_number(x) for x in train.get("loss_curve", [])):
+        problems.append("train.loss_curve must be a list of numbers")
+    return problems
+
+
+def scores(metrics: dict | None, with_papers: bool = True) -> dict | None:
+    """The ledger's view of a classification result: accuracy, macro-F1, n (and per-paper outcomes)."""
+    if not metrics:
+        return None
+    out = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"]}
+    if with_papers and metrics.get("ids") is not None:
+        out["ids"], out["correct"] = metrics["ids"], metrics["correct"]
+    return out
+
+
+def package_versions(*names: str) -> dict:
+    """Installed versions of the named distributions (None when absent), plus Python's: the ledger's `versions`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision(folder: str | Path | None = None) -> str | None:
+    """The commit checked out at `folder` (default: this package's), or None outside a git checkout."""
+    import subprocess
+
+    folder = Path(folder) if folder else Path(__file__).resolve().parent
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def now() -> str:
+    """The ledger's timestamp format: UTC, seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

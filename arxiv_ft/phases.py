@@ -1,0 +1,756 @@
+"""The phases of a training run, in the order `arxiv_ft.train.train` calls them:
+
+    launch -> task -> build the method -> evaluate -> fit -> evaluate -> probes -> save the run -> ledger
+
+Each phase is a function of the config and what earlier phases returned; none keeps hidden state. The heavy
+libraries load here, not where the command line is parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+
+from arxiv_ft import checkpoints as ckpt
+from arxiv_ft import records as rec
+from arxiv_ft.classifier import Classifier, evaluate
+from arxiv_ft.config import to_dict
+from arxiv_ft.data import (
+    BatchPlan,
+    PromptBuilder,
+    collate_left_padded,
+    collate_packed,
+    collate_prompts,
+    tokenize_records,
+)
+from arxiv_ft.fit import Setup, TrainState, lr_schedule
+from arxiv_ft.loss import AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree
+from arxiv_ft.methods import Method, get_method
+from arxiv_ft.metrics import format_report, peak_flops, peak_memory_bytes
+from arxiv_ft.modeling import ModelSource, count_parameters, load_tokenizer, resolve_dtype, set_cpu_threads
+from arxiv_ft.options import TrainConfig
+from arxiv_ft.prompts import PromptSpec, resolve_chat_template
+from arxiv_ft.rundir import RunDir
+
+logger = logging.getLogger("arxiv_ft")
+
+# Options that may change between a run and its resumption; any other difference makes a checkpoint unusable.
+RESUMABLE_CHANGES = {
+    "resume",
+    "output_dir",
+    "overwrite_output_dir",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_mode",
+    "expect_processes",
+    "report_to",
+    "run_name",
+    "cpu_threads",
+    "push_to_hub",
+    "merge",
+}
+
+
+# ------------------------------------------------------------------------------------------------------ launch
+
+
+@dataclass
+class Launch:
+    """What the launcher gave this process, checked: the accelerator, the launch kind, device and dtype."""
+
+    accelerator: Accelerator
+    kind: str  # a row of the compatibility matrix: single, ddp, zero2, zero3, zero3-offload, fsdp
+    method: Method
+    dtype: torch.dtype
+    trackers: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, message: str) -> None:
+        """An INFO line from the main process only."""
+        if self.accelerator.is_main_process:
+            logger.info(message)
+
+
+def launch_kind(accelerator) -> str:
+    """Which row of the compatibility matrix this launch is: single, ddp, zero2, zero3, zero3-offload, fsdp."""
+    dt = accelerator.distributed_type
+    if dt == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if int(zero.get("stage", 0)) < 3:
+            return "zero2"
+        offload = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
+        return "zero3-offload" if offload else "zero3"
+    if dt == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def check_launch(accelerator, expect_processes: int) -> None:
+    """Refuse to train something other than what the launch asked for (accelerate can fall back silently)."""
+    dt = accelerator.distributed_type
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and dt != DistributedType.FSDP:
+        raise SystemExit(
+            f"the launch config asks for FSDP but accelerate set up {dt.value} (it never applies FSDP on CPU): "
+            "use accelerate_configs/ddp.yaml or a DeepSpeed config on CPU, FSDP on GPUs"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and dt != DistributedType.DEEPSPEED:
+        raise SystemExit(f"the launch config asks for DeepSpeed but accelerate set up {dt.value}")
+    world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if world != accelerator.num_processes:
+        raise SystemExit(f"WORLD_SIZE={world} but only {accelerator.num_processes} process(es) joined the group")
+    if expect_processes and accelerator.num_processes != expect_processes:
+        raise SystemExit(
+            f"--expect-processes {expect_processes} but {accelerator.num_processes} process(es) run "
+            "(on CPU, `accelerate launch --cpu --num_processes N` starts one: see accelerate_configs/ddp.yaml)"
+        )
+
+
+def start(cfg: TrainConfig) -> Launch:
+    """Set up accelerate, check the launch and the method x launch x device cell, seed; before any data or model."""
+    method = get_method(cfg.method)
+    # gloo on CPU: without it accelerate + DeepSpeed miscount CPU processes (../shared/notes/cpu-stack.md).
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
+        log_with=trackers or None,
+        project_dir=str(Path(cfg.output_dir) / "logs"),
+        # Regional compilation: one graph compiled once and reused by every decoder layer (a shorter cold start).
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if cfg.compile else None,
+    )
+    check_launch(accelerator, cfg.expect_processes)
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.cpu_threads)
+    dtype = resolve_dtype(cfg.dtype_name, accelerator.device, trains_every_weight=not method.adapter)
+    kind = launch_kind(accelerator)
+    method.check(kind, accelerator.device.type, cfg.bnb_quant_storage, "bf16" if dtype == torch.bfloat16 else "fp32")
+    if trackers:
+        name = cfg.run_name or Path(cfg.output_dir).name
+        accelerator.init_trackers("arxiv-ft", config=to_dict(cfg), init_kwargs={"wandb": {"name": name}})
+    set_seed(cfg.seed)
+    return Launch(accelerator, kind, method, dtype, trackers)
+
+
+# -------------------------------------------------------------------------------------------------------- task
+
+
+@dataclass
+class Task:
+    """The label set, the papers, the tokenizer and prompt, and the tokenised training examples."""
+
+    labels: list[str]
+    train_records: list[rec.Record]
+    eval_records: list[rec.Record]
+    source: ModelSource
+    tokenizer: object
+    prompt: PromptSpec
+    builder: PromptBuilder
+    examples: list
+    tokenize_stats: dict
+
+
+def load_task(cfg: TrainConfig, launch: Launch) -> Task:
+    """Labels first, so an unknown label in the data fails before any model is loaded; then tokenise."""
+    from arxiv_ft.sources import load_task as load_records
+
+    labels, train, evals = load_records(cfg)
+    if not evals:
+        raise SystemExit(f"{cfg.eval_file}: no evaluation papers (with --eval-per-class {cfg.eval_per_class})")
+    source = ModelSource(cfg.model, cfg.model_revision or None)
+    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    resolve_chat_template(tokenizer, cfg.chat_template, cfg.model)
+    chat_kwargs = {"date_string": cfg.chat_date or date.today().strftime("%d %b %Y")}
+    prompt = PromptSpec(cfg.template, cfg.max_seq_tokens, cfg.token_budget, cfg.system_role, chat_kwargs)
+    builder = PromptBuilder.from_spec(tokenizer, prompt, labels)
+    examples, stats = tokenize_records(builder, train)
+    if not examples:
+        raise SystemExit(f"no trainable examples in {cfg.train_file}: {stats}")
+    launch.log(f"labels: {len(labels)}; train: {len(examples)} examples ({stats}); eval: {len(evals)} papers")
+    return Task(labels, train, evals, source, tokenizer, prompt, builder, examples, vars(stats))
+
+
+# -------------------------------------------------------------------------------------------------------- build
+
+
+@dataclass
+class Trainable:
+    """The model being trained, its objective (model + loss in one module) and what it shares across rows."""
+
+    model: torch.nn.Module
+    objective: torch.nn.Module
+    head: ClassificationHead | None
+    prefix: list[int]
+    n_trainable: int
+    n_total: int
+
+
+def build(cfg: TrainConfig, launch: Launch, task: Task) -> Trainable:
+    """Load the base, apply the method, and wrap model + loss as the objective asks."""
+    model = launch.method.build(task.source, cfg, launch.dtype, launch.device, launch.accelerator.local_process_index)
+    n_trainable, n_total = count_parameters(model)
+    launch.log(f"{cfg.method}: {n_trainable:,} trainable of {n_total:,} parameters")
+    # The system turn every prompt shares runs once per micro-batch instead of once per example. (Gradient
+    # checkpointing drops the KV cache the shared prefix lives in.)
+    prefix = task.builder.shared_prefix_ids() if cfg.share_prefix and not cfg.gradient_checkpointing else []
+    if any(ex.prompt_ids[: len(prefix)] != prefix for ex in task.examples):
+        launch.log("not every prompt starts with the shared prefix: prefix sharing off")
+        prefix = []
+    head = None
+    if cfg.objective == "cls-head":
+        head = ClassificationHead(model.config.hidden_size, len(task.labels)).to(launch.device)
+        objective = HeadLoss(model, head, prefix)
+    elif cfg.objective == "label-softmax":
+        tree = LabelTree([task.builder.label_targets[label] for label in task.labels])
+        objective = LabelSoftmaxLoss(model, tree, prefix)
+    else:
+        objective = AnswerLoss(model, prefix)
+    return Trainable(model, objective, head, prefix, n_trainable + (head_size(head)), n_total + head_size(head))
+
+
+def head_size(head) -> int:
+    return 0 if head is None else sum(p.numel() for p in head.parameters())
+
+
+def setup_fit(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> Setup:
+    """Batch plan, optimizer, schedule; accelerate prepares the objective and optimizer."""
+    acc, world = launch.accelerator, launch.accelerator.num_processes
+    plan = BatchPlan(
+        task.examples,
+        cfg.batch_size * world * cfg.grad_accum_steps,
+        cfg.grad_accum_steps,
+        cfg.epochs,
+        cfg.max_steps,
+        cfg.seed,
+        cfg.group_by_length,
+    )
+    trainable_params = [p for p in trainable.objective.parameters() if p.requires_grad]
+    # Fused AdamW: one kernel per step on CUDA instead of a loop over parameters.
+    optimizer = torch.optim.AdamW(
+        trainable_params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=launch.device.type == "cuda"
+    )
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        # The DeepSpeed config says "auto" for these: they come from this config, so they cannot disagree.
+        ds_config = acc.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        ds_config["gradient_clipping"] = cfg.max_grad_norm
+    train_model, optimizer = acc.prepare(trainable.objective, optimizer)
+    warmup = min(plan.steps, int(cfg.warmup_ratio * plan.steps + 0.999999))
+    scheduler = lr_schedule(optimizer, cfg.lr_schedule, warmup, plan.steps, cfg.min_lr_ratio)
+    n_prefix, pad_id, builder = len(trainable.prefix), task.tokenizer.pad_token_id, task.builder
+
+    def collate(examples):
+        if cfg.packing:
+            return collate_packed(examples, n_prefix)
+        if cfg.objective in ("label-softmax", "cls-head"):
+            return collate_prompts(examples, pad_id, n_prefix)
+        if cfg.objective == "decision-weighted":
+            return collate_left_padded(examples, pad_id, n_prefix, cfg.decision_weight, builder.label_decisions)
+        return collate_left_padded(examples, pad_id, n_prefix)
+
+    def units(ex) -> float:
+        """What one example adds to the step's loss normaliser: its target tokens, their weights, or 1 example."""
+        if cfg.objective in ("label-softmax", "cls-head"):
+            return 1.0
+        if cfg.objective == "decision-weighted":
+            return sum(cfg.decision_weight if d else 1.0 for d in builder.label_decisions[ex.label_index])
+        return float(len(ex.target_ids))
+
+    return Setup(acc, train_model, optimizer, scheduler, plan, collate, units, cfg.max_grad_norm, cfg.seed)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+
+def run_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable, name: str) -> dict:
+    """Score the evaluation papers with the model as it is now; log accuracy and macro-F1; return the metrics."""
+    acc = launch.accelerator
+    model = acc.unwrap_model(trainable.model)
+    was_training = model.training
+    model.eval()
+    head = trainable.head if name != "zero-shot" else None
+    if head is not None:
+        head.eval()
+    try:
+        classifier = Classifier(model, task.tokenizer, task.builder, head)
+        with torch.no_grad():
+            result = evaluate(classifier, task.eval_records, acc, cfg.eval_mode, cfg.eval_batch_size)
+    finally:
+        model.train(was_training)
+        if head is not None:
+            head.train(was_training)
+    for mode in ("score", "generate"):
+        if mode in result:
+            m = result[mode]
+            launch.log(f"[{name}] {mode}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def resume(cfg: TrainConfig, launch: Launch, setup: Setup, trainable: Trainable) -> tuple[TrainState, dict | None]:
+    """The newest usable checkpoint's state (model and optimizer restored) and its zero-shot scores, or a fresh
+    state."""
+    for path in ckpt.find_resume(cfg.output_dir, cfg.resume):
+        problem = ckpt.verify(path)
+        if problem:
+            launch.log(f"skipping checkpoint {path}: {problem}")
+            continue
+        saved = ckpt.read_state(path)
+        check_resumable(saved.get("config", {}), to_dict(cfg))
+        if saved.get("format") == "accelerate" and saved.get("world_size") != launch.accelerator.num_processes:
+            raise SystemExit(
+                f"{path} holds {saved.get('world_size')} DeepSpeed/FSDP shards, this launch has "
+                f"{launch.accelerator.num_processes} processes: resume with the same number (DeepSpeed cannot "
+                "re-shard them), or from a checkpoint of a DDP/single-process run"
+            )
+        load_checkpoint(launch, setup, trainable, path, saved)
+        state = TrainState.from_json(saved["state"])
+        setup.scheduler = lr_schedule(
+            setup.optimizer,
+            cfg.lr_schedule,
+            min(setup.plan.steps, int(cfg.warmup_ratio * setup.plan.steps + 0.999999)),
+            setup.plan.steps,
+            cfg.min_lr_ratio,
+            step=state.step,
+        )
+        changed = saved.get("world_size") != launch.accelerator.num_processes
+        launch.log(
+            f"resumed from {path} at step {state.step}/{setup.plan.steps}"
+            + (f" (saved by {saved.get('world_size')} processes; the same global batches follow)" if changed else "")
+        )
+        return state, saved.get("before")
+    return TrainState(), None
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint made with a different training configuration."""
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise SystemExit(
+            f"checkpoint was made with a different config ({details}); use --resume none or a new output dir"
+        )
+
+
+def _uses_accelerate_state(acc) -> bool:
+    return acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def _gathered_state_dict(acc, train_model) -> dict | None:
+    """Full weights where they exist only sharded (ZeRO-3): every rank takes part, the main one gets them."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        full = acc.get_state_dict(train_model)
+        return {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
+    return None
+
+
+def save_weights(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup | None, folder: Path) -> None:
+    """Write a loadable run folder's weights and task files into `folder` (every process calls this)."""
+    acc = launch.accelerator
+    state_dict = _gathered_state_dict(acc, setup.train_model) if setup is not None else None
+    if acc.is_main_process:
+        run = RunDir(folder)
+        model = acc.unwrap_model(trainable.model)
+        head = trainable.head.state_dict() if trainable.head is not None else None
+        if state_dict is not None and head is not None:
+            head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+        run.write_weights(launch.method, model, state_dict=state_dict, head_state=head)
+        run.write_task(to_dict(cfg), task.labels, task.prompt, task.source.record())
+        run.fix_adapter_base(task.source.hub_id())
+
+
+def save_checkpoint(
+    cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, state: TrainState, before: dict | None
+) -> Path:
+    """A resumable, loadable checkpoint of `state.step` (see arxiv_ft/checkpoints.py)."""
+    acc = launch.accelerator
+    root = ckpt.checkpoint_root(cfg.output_dir)
+    partial, final = root / f"step-{state.step:08d}.partial", root / f"step-{state.step:08d}"
+    if acc.is_main_process:
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crash while saving this same step
+        partial.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_weights(cfg, launch, task, trainable, setup, partial)
+    sharded = _uses_accelerate_state(acc)
+    if sharded:
+        acc.save_state(str(partial / ckpt.ACCELERATE_STATE))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if not sharded:
+            from safetensors.torch import save_file
+
+            tensors, meta = ckpt.optimizer_tensors(setup.optimizer)
+            save_file(tensors, partial / ckpt.OPTIMIZER_FILE)
+            from arxiv_ft.fileio import write_json
+
+            write_json(partial / ckpt.OPTIMIZER_META, meta)
+        ckpt.write_state(
+            partial,
+            {
+                "format": "accelerate" if sharded else "safetensors",
+                "world_size": acc.num_processes,
+                "config": to_dict(cfg),
+                "state": state.to_json(),
+                "before": before,
+            },
+        )
+        ckpt.publish(partial, final, state.step)
+        ckpt.rotate(cfg.output_dir, cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(launch: Launch, setup: Setup, trainable: Trainable, path: Path, saved: dict) -> None:
+    """Restore trained weights and optimizer state from a checkpoint (every process)."""
+    acc = launch.accelerator
+    if saved.get("format") == "accelerate":
+        acc.load_state(str(path / ckpt.ACCELERATE_STATE))
+        return
+    from safetensors.torch import load_file
+
+    from arxiv_ft.fileio import read_json
+
+    model = acc.unwrap_model(trainable.model)
+    if launch.method.adapter:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    else:
+        weights = {}
+        for file in sorted(path.glob("model*.safetensors")):
+            weights.update(load_file(file))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        if unexpected or [k for k in missing if k not in tied]:
+            raise SystemExit(
+                f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    if trainable.head is not None:
+        trainable.head.load_state_dict(load_file(path / "classifier_head.safetensors"))
+    ckpt.load_optimizer(setup.optimizer, load_file(path / ckpt.OPTIMIZER_FILE), read_json(path / ckpt.OPTIMIZER_META))
+
+
+def save_best(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, metrics: dict, step: int) -> None:
+    """Replace best/ with the model as it is now (every process; the swap is atomic on the main one)."""
+    import shutil
+
+    from arxiv_ft.fileio import fsync_dir, fsync_tree
+
+    out = Path(cfg.output_dir)
+    partial, best, old = out / "best.partial", out / "best", out / "best.old"
+    if launch.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    launch.accelerator.wait_for_everyone()
+    save_weights(cfg, launch, task, trainable, setup, partial)
+    if launch.is_main:
+        RunDir(partial).write_metrics({"step": step, "eval": metrics})
+        fsync_tree(partial)
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(partial, best)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(out)
+    launch.accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------------- cost
+
+
+def cost_figures(cfg, launch: Launch, trainable: Trainable, state: TrainState, started: float) -> dict:
+    """Wall and training time, device-hours, money, throughput, MFU, memory and parameter counts."""
+    acc, world = launch.accelerator, launch.accelerator.num_processes
+    wall = time.perf_counter() - started
+    device_hours = wall * world / 3600
+    tokens_per_second = state.tokens_seen / state.train_seconds if state.train_seconds else None
+    flops = launch.method.flops_per_token(trainable.n_total, trainable.n_trainable)
+    peak = cfg.peak_tflops * 1e12 or peak_flops(launch.device, launch.dtype)
+    mfu = flops * tokens_per_second / world / peak if peak and tokens_per_second else None
+    from arxiv_ft.modeling import parameter_bytes
+
+    return {
+        "wall_seconds": wall,
+        "train_seconds": state.train_seconds,
+        "device_type": torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu",
+        "device_count": world,
+        "device_hours": device_hours,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_second": tokens_per_second,
+        "flops_per_token": flops,
+        "mfu": mfu,
+        "peak_memory_bytes": peak_memory_bytes(launch.device),  # this process's (every rank holds the same shapes)
+        "trainable_parameters": trainable.n_trainable,
+        "total_parameters": trainable.n_total,
+        "parameter_bytes": parameter_bytes(acc.unwrap_model(trainable.model)),
+        "price_per_device_hour": cfg.price_per_device_hour or None,
+        "cost": device_hours * cfg.price_per_device_hour if cfg.price_per_device_hour else None,
+    }
+
+
+def ensure_checkpoint(cfg, launch, task, trainable, setup, state: TrainState, before) -> None:
+    """A checkpoint of the step reached, unless the newest one already is."""
+    done = ckpt.complete_checkpoints(cfg.output_dir)
+    if not (done and ckpt._step_of(done[-1]) == state.step):
+        save_checkpoint(cfg, launch, task, trainable, setup, state, before)
+
+
+def stop_if_asked(should_stop, cfg, launch, task, trainable, setup, state: TrainState, before) -> None:
+    """Between the phases after training: a stop signal saves (if needed) and stops, instead of being swallowed."""
+    from arxiv_ft.fit import Stopped
+
+    if should_stop():
+        ensure_checkpoint(cfg, launch, task, trainable, setup, state, before)
+        raise Stopped(state.step)
+
+
+def evaluate_and_keep_best(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, state) -> None:
+    """A periodic evaluation: log it, track it, and keep best/ by macro-F1."""
+    result = run_evaluation(cfg, launch, task, trainable, f"step {state.step}")
+    score = result.get("score") or result.get("generate")
+    entry = {"step": state.step, "accuracy": score["accuracy"], "macro_f1": score["macro_f1"]}
+    state.evals.append(entry)
+    launch.accelerator.log({"eval/accuracy": entry["accuracy"], "eval/macro_f1": entry["macro_f1"]}, step=state.step)
+    if state.best is None or entry["macro_f1"] > state.best["macro_f1"]:
+        state.best = entry
+        save_best(cfg, launch, task, trainable, setup, entry, state.step)
+        launch.log(f"best so far (macro-F1 {entry['macro_f1']:.4f}) saved to {Path(cfg.output_dir) / 'best'}")
+
+
+# ------------------------------------------------------------------------------------------ output folder
+
+
+class _NoLock:
+    def release(self) -> None:
+        pass
+
+
+def claim_output(cfg: TrainConfig, launch: Launch):
+    """Lock the output folder for this run and refuse to mix runs in it (see RunDir.prepare); every process stops
+    alike when the main one refuses."""
+    from accelerate.utils import broadcast_object_list
+
+    from arxiv_ft.fileio import FolderLock
+
+    problem, lock = [None], _NoLock()
+    if launch.is_main:
+        try:
+            lock = FolderLock(cfg.output_dir).acquire("train")
+            RunDir(cfg.output_dir).prepare(cfg.resume, cfg.overwrite_output_dir)
+        except SystemExit as exc:
+            lock.release()
+            problem = [str(exc)]
+    if launch.accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise SystemExit(problem[0])
+    return lock
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+
+def probe_config(cfg: TrainConfig):
+    from arxiv_ft.forgetting import ProbeConfig
+
+    return ProbeConfig(n_windows=cfg.probe_windows, mc_items=cfg.probe_mc_items, kl=cfg.probe_kl)
+
+
+def probe_base(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> dict | None:
+    """The base model's probe results (cached per base model + probe config: probed once, not once per run).
+
+    Probed before training, through the model being trained: LoRA and DoRA adapters start as the identity.
+    """
+    if not cfg.probes:
+        return None
+    from arxiv_ft.forgetting import base_probes_cached
+    from arxiv_ft.modeling import cache_dir
+
+    key = {"dtype": str(launch.dtype), "device": launch.device.type, "quantized": launch.method.quantized}
+    if launch.method.quantized:  # the base is probed through the kernel training uses (see prepare_for_kbit)
+        key["kernel"] = "dequantize-matmul"
+    model = launch.accelerator.unwrap_model(trainable.model)
+    return base_probes_cached(
+        task.source, task.tokenizer, lambda: model, probe_config(cfg), cache_dir() / "probes", key
+    )
+
+
+def probe_tuned(cfg, launch: Launch, task: Task, trainable: Trainable, base: dict | None) -> dict | None:
+    """The tuned model's probes and the difference from the base."""
+    if not cfg.probes:
+        return None
+    from arxiv_ft.forgetting import forgetting_delta, run_probes
+
+    tuned = run_probes(launch.accelerator.unwrap_model(trainable.model), task.tokenizer, probe_config(cfg))
+    delta = forgetting_delta(base, tuned)
+    launch.log(
+        f"forgetting: WikiText-2 perplexity {delta['ppl_before']:.2f} -> {delta['ppl_after']:.2f}, "
+        f"multiple choice {delta['mc_before']:.3f} -> {delta['mc_after']:.3f}"
+    )
+    return {"base": base, "tuned": tuned, "delta": delta}
+
+
+# -------------------------------------------------------------------------------------------- baselines
+
+
+def tfidf_rows(cfg: TrainConfig, launch: Launch, task: Task) -> dict | None:
+    """TF-IDF + linear SVM on the same training papers, reading the text the LLM's prompt holds and the full
+    abstract: the bar the fine-tune must clear, measured in the run itself (a few seconds)."""
+    if not cfg.tfidf_baseline:
+        return None
+    from arxiv_ft.baseline import fit_and_score
+
+    seen = {r.id: task.builder.visible_text(r) for r in task.train_records + task.eval_records}
+    rows = {
+        "llm_text": fit_and_score(task.train_records, task.eval_records, task.labels, lambda r: seen[r.id]),
+        "full_text": fit_and_score(task.train_records, task.eval_records, task.labels),
+    }
+    launch.log(
+        f"TF-IDF + linear SVM on the same {len(task.train_records)} papers: accuracy "
+        f"{rows['llm_text']['accuracy']:.4f} reading the prompt's text, {rows['full_text']['accuracy']:.4f} the "
+        "full abstract"
+    )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- the run folder
+
+
+def collect_metrics(cfg, launch, task, trainable, state: TrainState, before, after, tfidf, forgetting, started):
+    """Everything measured, as metrics.json holds it."""
+    tokens_seen = state.tokens_seen
+    return {
+        "labels": task.labels,
+        "n_train_examples": len(task.examples),
+        "tokenize": task.tokenize_stats,
+        "before": before,
+        "after": after,
+        "tfidf": tfidf,
+        "forgetting": forgetting,
+        "train": {
+            "steps": state.step,
+            "epochs": state.step * (setup_step_size(cfg, launch)) / len(task.examples),
+            "loss_curve": state.loss_curve,
+            "lr_curve": state.lr_curve,
+            "evals": state.evals,
+            "best": state.best,
+            "tokens_seen": tokens_seen,
+            "target_tokens_seen": state.target_tokens_seen,
+            "train_seconds": state.train_seconds,
+            "tokens_per_second": tokens_seen / state.train_seconds if state.train_seconds else None,
+        },
+        "cost": cost_figures(cfg, launch, trainable, state, started),
+    }
+
+
+def setup_step_size(cfg, launch) -> int:
+    return cfg.batch_size * cfg.grad_accum_steps * launch.accelerator.num_processes
+
+
+def save_run(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, metrics: dict) -> None:
+    """The run folder: weights, tokenizer, task files, metrics and the model card (every process calls this)."""
+    out = Path(cfg.output_dir)
+    launch.accelerator.wait_for_everyone()
+    save_weights(cfg, launch, task, trainable, setup, out)
+    if launch.is_main:
+        run = RunDir(out)
+        run.write_tokenizer(task.tokenizer)
+        metrics["cost"]["saved_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        run.write_metrics(metrics)
+        from arxiv_ft.card import model_card
+
+        run.write_card(model_card(cfg, task, metrics, run.base_record(), command=sys_argv()))
+        if "score" in (metrics["after"] or {}):
+            launch.log("\n" + format_report(metrics["after"]["score"], task.labels))
+    launch.accelerator.wait_for_everyone()
+
+
+def sys_argv() -> str:
+    import shlex
+    import sys
+
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
+    """The typed record of the run, written last: a folder with ledger.json holds a finished run."""
+    if not launch.is_main:
+        return
+    from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
+
+    cost = dict(metrics["cost"])
+    for key in ("flops_per_token", "parameter_bytes"):
+        cost.pop(key, None)
+    ledger = Ledger(
+        run_id=Path(cfg.output_dir).name,
+        method=cfg.method,
+        seed=cfg.seed,
+        model=cfg.model,
+        config=to_dict(cfg),
+        data={
+            "train_file": cfg.train_file,
+            "eval_file": cfg.eval_file,
+            "n_train": len(task.examples),
+            "n_eval": len(task.eval_records),
+            "labels": task.labels,
+        },
+        task={
+            "before": scores((metrics["before"] or {}).get("score")),
+            "after": scores((metrics["after"] or {}).get("score")),
+            "tfidf": scores((metrics["tfidf"] or {}).get("llm_text")),
+            "tfidf_full_text": scores((metrics["tfidf"] or {}).get("full_text")),
+        },
+        forgetting=metrics["forgetting"],
+        cost=cost,
+        train={"loss_curve": metrics["train"]["loss_curve"], "steps": metrics["train"]["steps"]},
+        versions=package_versions("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes"),
+        git_revision=git_revision(),
+        created=now(),
+        run_name=cfg.run_name or Path(cfg.output_dir).name,
+    )
+    ledger.write(Path(cfg.output_dir) / "ledger.json")
+
+
+def finish(cfg: TrainConfig, launch: Launch, metrics: dict) -> None:
+    """Trackers get the final figures; --merge and --push-to-hub run on the main process."""
+    out = Path(cfg.output_dir)
+    figures = {}
+    for when in ("before", "after"):
+        score = (metrics.get(when) or {}).get("score")
+        if score:
+            figures |= {f"eval_{when}/accuracy": score["accuracy"], f"eval_{when}/macro_f1": score["macro_f1"]}
+    delta = (metrics.get("forgetting") or {}).get("delta") or {}
+    figures |= {f"forgetting/{k}": v for k, v in delta.items() if isinstance(v, (int, float))}
+    figures |= {f"cost/{k}": v for k, v in metrics["cost"].items() if isinstance(v, (int, float))}
+    launch.accelerator.log(figures, step=metrics["train"]["steps"])
+    if launch.is_main:
+        if cfg.merge and launch.method.adapter:
+            from arxiv_ft.merge import merge_run
+
+            launch.log(f"merged model saved to {merge_run(out, out / 'merged')}")
+        if cfg.push_to_hub:
+            from arxiv_ft.card import push_run
+
+            launch.log(f"uploaded {out} to {push_run(out, cfg.push_to_hub)}")
+        launch.log(f"saved to {out}")

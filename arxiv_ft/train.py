@@ -1,0 +1,110 @@
+"""Fine-tune a causal LM to name an arXiv paper's primary category; evaluate before and after; measure what it
+forgot and what it cost; leave a run folder that infer.py and `Classifier.from_pretrained` load.
+
+    accelerate launch train.py                                    # the default run (README command 1)
+    accelerate launch -m arxiv_ft.train --method full --learning_rate 2e-5 --output_dir runs/full
+    arxiv-ft train --config presets/compare/lora.yaml --seed 1 --output-dir runs/lora-s1
+    arxiv-ft train --help                                         # every option (HF/TRL names accepted)
+
+From Python: `metrics = arxiv_ft.train.train(TrainConfig(...))`; no signal handlers unless `handle_signals=True`.
+The loss is on what `--objective` names (the answer tokens by default), normalised over the whole optimizer step;
+evaluation scores every allowed label (arxiv_ft/scoring.py). See arxiv_ft/rundir.py for what the folder holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from arxiv_ft.options import TrainConfig
+
+logger = logging.getLogger("arxiv_ft")
+
+
+def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
+    """Run the fine-tune `cfg` describes and return its metrics (before/after scores, forgetting, cost, ...).
+
+    With `handle_signals`, SIGTERM/SIGUSR1 make every process finish its step, save a checkpoint and raise
+    `arxiv_ft.fit.Stopped` (the command line turns it into exit status 75); rerunning resumes.
+    """
+    # Heavy libraries load here, after the command line is parsed: `--help` and a bad option answer at once.
+    from arxiv_ft import phases as ph
+    from arxiv_ft.checkpoints import GracefulStop
+    from arxiv_ft.fit import Stopped, fit
+    from arxiv_ft.options import every_steps
+
+    started = time.perf_counter()
+    stopper = GracefulStop(install=handle_signals)  # first: a stop signal during start-up must not be lost
+    launch = None
+    try:
+        launch = ph.start(cfg)
+        lock = ph.claim_output(cfg, launch)
+        task = ph.load_task(cfg, launch)
+        trainable = ph.build(cfg, launch, task)
+        setup = ph.setup_fit(cfg, launch, task, trainable)
+        state, before = ph.resume(cfg, launch, setup, trainable)
+        probes_base = ph.probe_base(cfg, launch, task, trainable)
+        if before is None and cfg.eval_before:
+            before = ph.run_evaluation(cfg, launch, task, trainable, "zero-shot")
+        tfidf = ph.tfidf_rows(cfg, launch, task)
+
+        def checkpoint(state):
+            ph.save_checkpoint(cfg, launch, task, trainable, setup, state, before)
+
+        def stop_requested() -> bool:
+            return stopper.should_stop(launch.accelerator)
+
+        state = fit(
+            setup,
+            state,
+            log=launch.log,
+            log_every=cfg.log_every_steps,
+            checkpoint_every=every_steps(cfg.checkpoint_every_steps, setup.plan.steps),
+            checkpoint=checkpoint,
+            eval_every=every_steps(cfg.eval_every_steps, setup.plan.steps),
+            evaluate=lambda state: ph.evaluate_and_keep_best(cfg, launch, task, trainable, setup, state),
+            should_stop=stop_requested,
+            track=launch.accelerator.log,
+        )
+        if cfg.checkpoint_every_steps:  # so a crash in what follows loses no training
+            ph.ensure_checkpoint(cfg, launch, task, trainable, setup, state, before)
+        ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+        after = ph.run_evaluation(cfg, launch, task, trainable, "fine-tuned")
+        ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+        forgetting = ph.probe_tuned(cfg, launch, task, trainable, probes_base)
+        ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+        metrics = ph.collect_metrics(cfg, launch, task, trainable, state, before, after, tfidf, forgetting, started)
+        ph.save_run(cfg, launch, task, trainable, setup, metrics)
+        ph.write_ledger(cfg, launch, task, metrics)
+        ph.finish(cfg, launch, metrics)
+        lock.release()
+        return metrics
+    except Stopped:
+        if launch is not None:
+            launch.log("stopped by a signal; a checkpoint was saved: rerun the same command to resume")
+        raise
+    finally:
+        stopper.restore()
+        if launch is not None:
+            launch.accelerator.end_training()
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """The command line: parse, set up logging, train; exit 75 after a stop signal (Slurm requeues on it)."""
+    from arxiv_ft.config import parse_config
+    from arxiv_ft.logs import setup_logging
+
+    cfg = parse_config(TrainConfig, argv, __doc__, prog)
+    setup_logging()
+    from arxiv_ft.checkpoints import EXIT_PREEMPTED
+    from arxiv_ft.fit import Stopped
+
+    try:
+        train(cfg, handle_signals=True)
+    except Stopped:
+        sys.exit(EXIT_PREEMPTED)
+
+
+if __name__ == "__main__":
+    main()

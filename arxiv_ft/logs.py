@@ -10,6 +10,18 @@ import os
 import warnings
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Writes through tqdm, so a log line never lands in the middle of a progress bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
 class _Format(logging.Formatter):
     """INFO as the bare message (the progress of a run); other levels prefixed with the level."""
 
@@ -20,7 +32,7 @@ class _Format(logging.Formatter):
 
 def setup_logging(level: str | None = None) -> None:
     """Log arxiv_ft at INFO (ARXIV_FT_LOG_LEVEL overrides) to stderr; quiet the libraries' own warnings."""
-    handler = logging.StreamHandler()
+    handler = _TqdmHandler()
     handler.setFormatter(_Format("%(message)s"))
     root = logging.getLogger("arxiv_ft")
     root.handlers[:] = [handler]

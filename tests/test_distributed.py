@@ -96,7 +96,7 @@ def launch(config: str, model_dir, out, method="full", env_extra=None, extra=())
 
 
 def assert_same_run(a: dict, b: dict, dir_a: Path, dir_b: Path, weights_file: str):
-    assert b["cost"]["num_processes"] == 2
+    assert b["cost"]["device_count"] == 2
     assert b["train"]["loss_curve"] == pytest.approx(a["train"]["loss_curve"], rel=1e-4)
     for key in ("accuracy", "macro_f1"):
         assert b["after"]["score"][key] == pytest.approx(a["after"]["score"][key], abs=1e-9)
@@ -140,20 +140,13 @@ def test_two_processes_match_one_process(config, env, method, reference, tiny_mo
 RELOAD_AND_SCORE = """
 import json, sys
 from pathlib import Path
-from arxiv_ft.data import PromptBuilder
-from arxiv_ft.metrics import classification_metrics
-from arxiv_ft.modeling import load_tokenizer, load_trained
-from arxiv_ft.prompts import get_template
+from arxiv_ft import Classifier
 from arxiv_ft.records import per_class_sample, read_records
-from arxiv_ft.scoring import LabelScorer
 out = Path(sys.argv[1]); cfg = json.loads((out / "train_config.json").read_text())
-labels = (out / "labels.txt").read_text().split()
-tok = load_tokenizer(str(out)); model = load_trained(out).eval()
-builder = PromptBuilder(tok, get_template(cfg["template"]), labels, cfg["max_seq_tokens"])
+clf = Classifier.from_pretrained(out, device="cpu")
 records = per_class_sample(list(read_records(cfg["eval_file"])), cfg["eval_per_class"], seed=0)
-preds = LabelScorer(model, builder, tok.pad_token_id).predict(records, 8)
-m = classification_metrics([r.primary for r in records], [p.predicted if p else None for p in preds], labels)
-print(json.dumps(m["accuracy"]))
+preds = clf.predict(records, batch_size=8)
+print(json.dumps(sum(p is not None and p["label"] == r.primary for p, r in zip(preds, records)) / len(records)))
 """
 
 
@@ -215,15 +208,15 @@ def test_two_machines_match_one_process(reference, tiny_model_dir, tmp_path):
 def run_until_signal(cmd: list[str], after_step: int, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
     """Start a run, send `sig` once it has logged `after_step`, and wait for it to stop."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
-    for line in proc.stdout:
+    for line in proc.stderr:  # the log (progress bars redraw with \r; log lines end in \n)
         lines.append(line)
-        if line.startswith(f"step {after_step}/"):
+        if f"step {after_step}/" in line:
             proc.send_signal(sig)
             break
-    rest, _ = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines) + rest, "")
+    _, rest = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "", "".join(lines) + rest)
 
 
 def test_stopped_run_resumes_to_the_same_result(tiny_model_dir, tmp_path):
@@ -263,7 +256,7 @@ def test_stopped_run_resumes_to_the_same_result(tiny_model_dir, tmp_path):
     stopped = tmp_path / "stopped"
     cmd = [sys.executable, "train.py", *args, "--output-dir", str(stopped)]
     res = run_until_signal(cmd, after_step=6, sig=signal.SIGUSR1)
-    assert res.returncode == EXIT_PREEMPTED, res.stdout[-2000:]
+    assert res.returncode == EXIT_PREEMPTED, res.stderr[-2000:]
     saved = complete_checkpoints(stopped)
     stop_step = int(saved[-1].name.split("-")[1])
     assert 6 <= stop_step < 10
@@ -273,11 +266,11 @@ def test_stopped_run_resumes_to_the_same_result(tiny_model_dir, tmp_path):
     broken = saved[-1].parent / f"step-{stop_step + 1:08d}"
     broken.mkdir()
     (saved[-1].parent / f"step-{stop_step + 2:08d}.partial").mkdir()
-    assert find_resume(stopped, "auto") == saved[-1]
+    assert find_resume(stopped, "auto")[0] == saved[-1]
 
     res = subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"resumed from {saved[-1]} at step {stop_step}" in res.stdout
+    assert f"resumed from {saved[-1]} at step {stop_step}" in res.stderr
     got = json.loads((stopped / "metrics.json").read_text())["train"]
     assert got["steps"] == expected["steps"]
     assert got["loss_curve"] == pytest.approx(expected["loss_curve"], rel=1e-5)  # no step lost or repeated
@@ -313,5 +306,6 @@ def test_resume_refuses_a_different_config(tiny_model_dir, tmp_path):
         str(tmp_path),
     ]
     subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, check=True, capture_output=True)
+    (tmp_path / "ledger.json").unlink()  # as if it had crashed after its last checkpoint
     res = subprocess.run([sys.executable, "train.py", *args, "--lr", "0.5"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and "lr: 0.0004 -> 0.5" in res.stderr

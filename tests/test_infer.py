@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from arxiv_ft import config as cfglib
 from arxiv_ft import infer
@@ -351,3 +352,68 @@ def test_arxiv_ids_and_query_through_the_api(tmp_path, tiny_model_dir, api):
     assert len(api.requests) == n_requests and read_jsonl(out) == got
     with pytest.raises(SystemExit, match="started with a different input"):
         run([*query[:-2], "--max-results", "5", "--output", str(out)])
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path, tiny_model_dir):
+    papers = write_papers(tmp_path / "papers.jsonl", 4)
+    before = papers.read_bytes()
+    with pytest.raises(SystemExit, match="would overwrite the input"):
+        run(zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(papers)))
+    assert papers.read_bytes() == before
+
+
+def test_resume_refuses_another_model_dtype_or_generation_length(tmp_path, trained_dir, tiny_model_dir):
+    """A model folder retrained in place is another model: its output is not resumed with the new one's lines."""
+    papers = write_papers(tmp_path / "papers.jsonl", 4)
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_dir, model_dir)
+    out = tmp_path / "preds.jsonl"
+    argv = ["--model-dir", str(model_dir), "--input", str(papers), "--output", str(out), "--progress", "false"]
+    run(argv)
+    with pytest.raises(SystemExit, match="different dtype"):
+        run([*argv, "--dtype", "bf16"])
+    adapter = load_file(model_dir / "adapter_model.safetensors")
+    save_file({k: v + 0.01 for k, v in adapter.items()}, model_dir / "adapter_model.safetensors")  # "retrained"
+    with pytest.raises(SystemExit, match="different fingerprint"):
+        run(argv)
+    gen = zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(tmp_path / "g.jsonl"), "--mode", "generate")
+    run([*gen, "--max-new-tokens", "4"])
+    with pytest.raises(SystemExit, match="different max_new_tokens"):
+        run([*gen, "--max-new-tokens", "6"])
+
+
+def test_a_surrogate_line_is_rejected_and_every_rerun_finishes(tmp_path, tiny_model_dir):
+    papers = write_papers(tmp_path / "papers.jsonl", 3)
+    lines = papers.read_text().splitlines()
+    bad = [
+        json.dumps(good("t") | {"title": "x"}).replace('"x"', '"\\ud800"'),
+        json.dumps(good("i")).replace('"i"', '"\\udfff"', 1),
+    ]
+    papers.write_text("\n".join([lines[0], *bad, *lines[1:]]) + "\n")
+    out = tmp_path / "preds.jsonl.gz"
+    argv = zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out), "--max-reject-fraction", "0.5")
+    for _ in range(2):
+        summary = run(argv)
+        assert summary["n_predicted"] == 3 and summary["n_rejected"] == 2
+    assert gzip.decompress(out.read_bytes()).count(b"\n") == 3  # .jsonl.gz output is gzipped
+    reasons = [r["reason"] for r in read_jsonl(tmp_path / "preds.jsonl.gz.rejects.jsonl")]
+    assert all("surrogate" in r for r in reasons)
+
+
+def test_a_second_identical_inference_stops_at_once(tmp_path, tiny_model_dir):
+    papers = write_papers(tmp_path / "papers.jsonl", 2000)  # one at a time: minutes, while the second starts
+    out = tmp_path / "preds.jsonl"
+    slow = [*zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out)), "--batch-size", "1"]
+    first = subprocess.Popen([sys.executable, "infer.py", *slow, "--window-batches", "1"], cwd=ROOT, env=ENV)
+    try:
+        part = tmp_path / "preds.jsonl.part-00000-of-00001.jsonl"
+        deadline = time.monotonic() + 180
+        while not (part.exists() and part.read_bytes().count(b"\n") >= 2):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "infer.py", *slow], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert first.poll() is None  # the first one was still at work
+        assert second.returncode != 0 and "in use by pid" in second.stderr
+    finally:
+        first.kill()
+        first.wait()

@@ -91,3 +91,57 @@ def test_per_class_samples_depend_on_ids_not_file_order(train_records):
     sample = per_class_sample(train_records, 3, seed=0)
     assert len(sample) == 3 * len({r.primary for r in train_records})
     assert per_class_sample(list(reversed(train_records)), 3, seed=0) == sample
+
+
+def test_a_lone_surrogate_is_a_bad_record_not_a_crash_later(tmp_path):
+    """JSON allows "\\ud800"; no tokenizer or UTF-8 writer does: the line is rejected, naming the field."""
+    path = tmp_path / "s.jsonl"
+    good = {"id": "1", "title": "Fine", "abstract": "Fine.", "categories": "cs.LG"}
+    lines = [json.dumps(good), json.dumps(good).replace("Fine.", "Bad \\ud800 one."), json.dumps(good | {"id": "3"})]
+    path.write_text("\n".join(lines) + "\n")
+    items = list(iter_records_and_rejects(path))
+    assert isinstance(items[1][1], Reject) and "surrogate" in items[1][1].reason and "'abstract'" in items[1][1].reason
+    assert [type(x).__name__ for _, x in items] == ["Record", "Reject", "Record"]
+    with pytest.raises(RecordError, match=r"s.jsonl:2: field 'abstract' holds an unpaired surrogate"):
+        list(read_records(path))
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    record = {"id": "1", "title": "T", "abstract": "A.", "categories": "cs.LG"}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode() + b"\n")
+    assert [r.id for r in read_records(path)] == ["1"]
+
+
+def test_label_sets_refuse_repeats_single_labels_and_empty_files(tmp_path):
+    with pytest.raises(ValueError, match="more than once: cs.LG"):
+        label_set("cs.LG,cs.AI,cs.LG", "")
+    with pytest.raises(ValueError, match="at least 2"):
+        label_set("cs.LG", "")
+    one = tmp_path / "one.txt"
+    one.write_text("cs.LG\n")
+    with pytest.raises(ValueError, match="at least 2"):
+        label_set(str(one), "")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="no labels"):
+        label_set(str(empty), "")
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"id": "1", "title": "T", "abstract": "A.", "categories": "cs.LG"}) + "\n")
+    with pytest.raises(ValueError, match="at least 2"):
+        label_set("top:1", train)
+
+
+def test_parquet_rows_stream_as_records_with_rejects(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"id": "1", "title": "T", "abstract": "A.", "categories": "cs.LG"},
+        {"id": "2", "title": "", "abstract": "A.", "categories": "cs.LG"},
+        {"id": "3", "title": "T3", "abstract": "A3.", "categories": "cs.AI cs.LG"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    items = list(iter_records_and_rejects(tmp_path / "p.parquet"))
+    assert [(n, type(x).__name__) for n, x in items] == [(1, "Record"), (2, "Reject"), (3, "Record")]
+    assert items[2][1].primary == "cs.AI"

@@ -1,0 +1,193 @@
+"""Options: the Hugging Face / TRL names, both spellings, booleans three ways, presets, validation before any model
+loads, and clean, fast help for every entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from arxiv_ft.config import parse_config
+from arxiv_ft.options import BaselineConfig, FetchConfig, InferConfig, MergeConfig, ReportConfig, TrainConfig
+from tests.conftest import ROOT
+
+# (TrainingArguments/TRL name, value on the command line, our field, the value it must hold)
+HF_NAMES = [
+    ("learning_rate", "1e-3", "lr", 1e-3),
+    ("per_device_train_batch_size", "4", "batch_size", 4),
+    ("per_device_eval_batch_size", "32", "eval_batch_size", 32),
+    ("num_train_epochs", "3", "epochs", 3.0),
+    ("max_steps", "7", "max_steps", 7),
+    ("gradient_accumulation_steps", "2", "grad_accum_steps", 2),
+    ("lr_scheduler_type", "linear", "lr_schedule", "linear"),
+    ("warmup_ratio", "0.05", "warmup_ratio", 0.05),
+    ("logging_steps", "3", "log_every_steps", 3),
+    ("save_steps", "50", "checkpoint_every_steps", 50.0),
+    ("save_total_limit", "4", "keep_checkpoints", 4),
+    ("eval_steps", "0.25", "eval_every_steps", 0.25),
+    ("resume_from_checkpoint", "none", "resume", "none"),
+    ("model_name_or_path", "some/model", "model", "some/model"),
+    ("max_length", "256", "max_seq_tokens", 256),
+    ("lora_r", "8", "lora_rank", 8),
+    ("lora_alpha", "16", "lora_alpha", 16.0),
+    ("lora_dropout", "0.1", "lora_dropout", 0.1),
+    ("lora_target_modules", "q_proj,v_proj", "lora_targets", "q_proj,v_proj"),
+    ("use_rslora", "true", "lora_rslora", True),
+    ("report_to", "tensorboard", "report_to", "tensorboard"),
+    ("run_name", "my-run", "run_name", "my-run"),
+    ("output_dir", "runs/x", "output_dir", "runs/x"),
+    ("seed", "3", "seed", 3),
+    ("weight_decay", "0.01", "weight_decay", 0.01),
+    ("max_grad_norm", "0.5", "max_grad_norm", 0.5),
+    ("gradient_checkpointing", "true", "gradient_checkpointing", True),
+    ("torch_dtype", "bf16", "dtype", "bf16"),
+    ("hub_model_id", "me/arxiv", "push_to_hub", "me/arxiv"),
+]
+
+
+@pytest.mark.parametrize("hf_name,value,field,expected", HF_NAMES)
+@pytest.mark.parametrize("spelling", ["snake", "kebab"])
+def test_hf_and_trl_names_set_our_options(hf_name, value, field, expected, spelling):
+    flag = "--" + (hf_name if spelling == "snake" else hf_name.replace("_", "-"))
+    cfg = parse_config(TrainConfig, [flag, value], "")
+    assert getattr(cfg, field) == expected
+
+
+def test_existing_names_keep_working_in_both_spellings():
+    cfg = parse_config(
+        TrainConfig, ["--lr", "2e-3", "--batch-size", "4", "--grad_accum_steps", "2", "--epochs", "2"], ""
+    )
+    assert (cfg.lr, cfg.batch_size, cfg.grad_accum_steps, cfg.epochs) == (2e-3, 4, 2, 2.0)
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        ([], False),
+        (["--packing"], True),
+        (["--packing", "true"], True),
+        (["--packing", "false"], False),
+        (["--packing", "--no-packing"], False),
+        (["--no_packing"], False),
+    ],
+)
+def test_booleans_take_a_bare_flag_a_no_flag_and_a_value(argv, expected):
+    assert parse_config(TrainConfig, argv, "").packing is expected
+
+
+def test_a_true_default_can_be_switched_off_both_ways():
+    assert parse_config(TrainConfig, ["--no-probes"], "").probes is False
+    assert parse_config(TrainConfig, ["--probes", "false"], "").probes is False
+    assert parse_config(TrainConfig, ["--bf16"], "").dtype_name == "bf16"
+
+
+def test_presets_take_any_name_and_flags_override_them(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("learning_rate: 1.0e-3\nper-device-train-batch-size: 2\nmethod: full\npacking: true\nepochs: 2\n")
+    cfg = parse_config(TrainConfig, ["--config", str(preset), "--epochs", "3"], "")
+    assert (cfg.lr, cfg.batch_size, cfg.method, cfg.packing, cfg.epochs) == (1e-3, 2, "full", True, 3.0)
+
+
+def test_unknown_preset_keys_and_bad_preset_values_are_named(tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 1e-4\nepochz: 2\n")
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(preset)], "")
+    assert "epochz" in capsys.readouterr().err
+    preset.write_text("batch_size: many\n")
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(preset)], "")
+    err = capsys.readouterr().err
+    assert str(preset) in err and "batch" in err
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--max-steps", "-3"], "--max-steps"),
+        (["--lora-alpha", "-8"], "--lora-alpha"),
+        (["--lora-rank", "0"], "--lora-rank"),
+        (["--warmup-ratio", "1.5"], "--warmup-ratio"),
+        (["--price-per-device-hour", "-2"], "--price-per-device-hour"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+        (["--log-every-steps", "0"], "--log-every-steps"),
+        (["--eval-per-class", "-1"], "--eval-per-class"),
+        (["--train-per-class", "-1"], "--train-per-class"),
+        (["--lora-dropout", "1"], "--lora-dropout"),
+        (["--lr", "0"], "--lr"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--min-lr-ratio", "2"], "--min-lr-ratio"),
+        (["--objective", "label-softmax", "--packing"], "--packing"),
+        (["--bf16", "--dtype", "fp32"], "--bf16"),
+        (["--method", "qlora-ish"], "--method"),
+        (["--resume", "/no/such/checkpoint"], "--resume"),
+    ],
+)
+def test_bad_values_stop_before_anything_loads_naming_the_option(argv, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(TrainConfig, argv, "")
+    assert exc.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_infer_options_are_checked_too(tmp_path, capsys):
+    for argv, named in [
+        (["--input", ",", "--model-dir", "x"], "--input"),
+        (["--input", "a.jsonl", "--model-dir", "x", "--output", str(tmp_path)], "--output"),
+        (["--input", "a.jsonl", "--model-dir", "x", "--max-reject-fraction", "2"], "--max-reject-fraction"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_config(InferConfig, argv, "")
+        assert named in capsys.readouterr().err
+
+
+def test_positional_arguments_of_report_merge_and_fetch():
+    assert parse_config(ReportConfig, ["runs/a", "runs/b", "--out", "r"], "").paths == "runs/a,runs/b"
+    assert parse_config(MergeConfig, ["runs/a", "--out", "m"], "").run_dir == "runs/a"
+    assert parse_config(FetchConfig, ["--ids", "2401.1", "cs/0101001", "--out", "o"], "").ids == "2401.1,cs/0101001"
+    assert parse_config(BaselineConfig, ["--train-per-class", "3"], "").train_per_class == 3
+
+
+ENTRY_POINTS = [
+    [sys.executable, "train.py"],
+    [sys.executable, "infer.py"],
+    [sys.executable, "-m", "arxiv_ft.train"],
+    [sys.executable, "-m", "arxiv_ft.cli", "train"],
+    [sys.executable, "-m", "arxiv_ft.cli", "infer"],
+    [sys.executable, "-m", "arxiv_ft.cli", "baseline"],
+    [sys.executable, "-m", "arxiv_ft.cli", "report"],
+    [sys.executable, "-m", "arxiv_ft.cli", "merge"],
+    [sys.executable, "-m", "arxiv_ft.cli", "fetch"],
+]
+
+
+@pytest.mark.parametrize("command", ENTRY_POINTS, ids=lambda c: " ".join(c[1:]))
+def test_help_is_clean_and_loads_no_heavy_library(command):
+    """No raw argparse dictionary, no unexpanded `%(`; and --help never imports torch (so it answers at once:
+    the time is measured in benchmarks/RESULTS.md, not asserted here)."""
+    probe = "import sys, runpy; sys.argv = sys.argv[1:]; "
+    if command[1] == "-m":
+        probe += f"sys.argv[0] = {command[2]!r}; runpy.run_module({command[2]!r}, run_name='__main__')"
+        argv = [*command[3:], "--help"]
+    else:
+        probe += f"runpy.run_path({command[1]!r}, run_name='__main__')"
+        argv = ["--help"]
+    check = "import atexit, sys; atexit.register(lambda: print('TORCH-LOADED' if 'torch' in sys.modules else ''))"
+    res = subprocess.run(
+        [sys.executable, "-c", check + "\n" + probe, "x", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "option_strings" not in res.stdout and "%(" not in res.stdout and "usage:" in res.stdout
+    assert "TORCH-LOADED" not in res.stdout
+
+
+def test_arxiv_ft_without_a_subcommand_lists_them():
+    res = subprocess.run([sys.executable, "-m", "arxiv_ft.cli"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and all(name in res.stdout for name in ("train", "infer", "report", "fetch"))

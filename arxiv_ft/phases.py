@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -25,11 +24,11 @@ from arxiv_ft.classifier import Classifier, evaluate
 from arxiv_ft.config import to_dict
 from arxiv_ft.data import (
     BatchPlan,
+    ChatTemplateError,
     PromptBuilder,
     collate_left_padded,
     collate_packed,
     collate_prompts,
-    tokenize_records,
 )
 from arxiv_ft.fit import Setup, TrainState, lr_schedule
 from arxiv_ft.loss import AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree
@@ -37,7 +36,7 @@ from arxiv_ft.methods import Method, get_method
 from arxiv_ft.metrics import format_report, peak_flops, peak_memory_bytes
 from arxiv_ft.modeling import ModelSource, count_parameters, load_tokenizer, resolve_dtype, set_cpu_threads
 from arxiv_ft.options import TrainConfig
-from arxiv_ft.prompts import PromptSpec, resolve_chat_template
+from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
 
 logger = logging.getLogger("arxiv_ft")
@@ -157,34 +156,66 @@ class Task:
     """The label set, the papers, the tokenizer and prompt, and the tokenised training examples."""
 
     labels: list[str]
-    train_records: list[rec.Record]
+    train: object  # datasets.Dataset of the sampled training papers (sources.normalise's columns)
     eval_records: list[rec.Record]
     source: ModelSource
     tokenizer: object
     prompt: PromptSpec
     builder: PromptBuilder
-    examples: list
+    examples: object  # data.TokenizedExamples: Arrow-backed, shared by every process
     tokenize_stats: dict
+    has_prefix: bool  # every prompt starts with the shared prefix
 
 
 def load_task(cfg: TrainConfig, launch: Launch) -> Task:
-    """Labels first, so an unknown label in the data fails before any model is loaded; then tokenise."""
-    from arxiv_ft.sources import load_task as load_records
+    """Labels first, so an unknown label in the data fails before any model is loaded; then tokenise (cached)."""
+    from arxiv_ft.data import tokenize_dataset
+    from arxiv_ft.modeling import cache_dir
+    from arxiv_ft.sources import SourceError
+    from arxiv_ft.sources import load_task as load_papers
 
-    labels, train, evals = load_records(cfg)
+    try:
+        labels, train, evals = load_papers(cfg)
+    except (SourceError, rec.RecordError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
     if not evals:
         raise SystemExit(f"{cfg.eval_file}: no evaluation papers (with --eval-per-class {cfg.eval_per_class})")
     source = ModelSource(cfg.model, cfg.model_revision or None)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     resolve_chat_template(tokenizer, cfg.chat_template, cfg.model)
-    chat_kwargs = {"date_string": cfg.chat_date or date.today().strftime("%d %b %Y")}
+    chat_kwargs = {"date_string": pinned_chat_date(cfg, launch)}
     prompt = PromptSpec(cfg.template, cfg.max_seq_tokens, cfg.token_budget, cfg.system_role, chat_kwargs)
-    builder = PromptBuilder.from_spec(tokenizer, prompt, labels)
-    examples, stats = tokenize_records(builder, train)
-    if not examples:
+    try:
+        builder = PromptBuilder.from_spec(tokenizer, prompt, labels)
+    except ChatTemplateError as exc:
+        raise SystemExit(f"--model {cfg.model}: {exc}") from None
+    cache = cache_dir() / "datasets"
+    examples, stats, has_prefix = tokenize_dataset(builder, train, cache, launch.accelerator.main_process_first)
+    if not len(examples):
         raise SystemExit(f"no trainable examples in {cfg.train_file}: {stats}")
     launch.log(f"labels: {len(labels)}; train: {len(examples)} examples ({stats}); eval: {len(evals)} papers")
-    return Task(labels, train, evals, source, tokenizer, prompt, builder, examples, vars(stats))
+    return Task(labels, train, evals, source, tokenizer, prompt, builder, examples, stats, has_prefix)
+
+
+def pinned_chat_date(cfg: TrainConfig, launch: Launch) -> str:
+    """The date chat templates print in this run's prompts (Llama 3's "Today Date"), saved in prompt.json.
+
+    --chat-date if given; else the date of the checkpoint being resumed (a run resumed days later keeps training on the
+    prompts it started with); else today as the main process sees it (processes started either side of midnight
+    would tokenise different prompts).
+    """
+    if cfg.chat_date:
+        return cfg.chat_date
+    for path in ckpt.find_resume(cfg.output_dir, cfg.resume):
+        saved = RunDir(path).prompt().chat_kwargs.get("date_string") if (path / "prompt.json").is_file() else None
+        if saved:
+            return saved
+    day = [chat_date_string()]
+    if launch.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(day)
+    return day[0]
 
 
 # -------------------------------------------------------------------------------------------------------- build
@@ -204,13 +235,14 @@ class Trainable:
 
 def build(cfg: TrainConfig, launch: Launch, task: Task) -> Trainable:
     """Load the base, apply the method, and wrap model + loss as the objective asks."""
+    log_memory_estimate(cfg, launch, task)
     model = launch.method.build(task.source, cfg, launch.dtype, launch.device, launch.accelerator.local_process_index)
     n_trainable, n_total = count_parameters(model)
     launch.log(f"{cfg.method}: {n_trainable:,} trainable of {n_total:,} parameters")
     # The system turn every prompt shares runs once per micro-batch instead of once per example. (Gradient
     # checkpointing drops the KV cache the shared prefix lives in.)
     prefix = task.builder.shared_prefix_ids() if cfg.share_prefix and not cfg.gradient_checkpointing else []
-    if any(ex.prompt_ids[: len(prefix)] != prefix for ex in task.examples):
+    if prefix and not task.has_prefix:
         launch.log("not every prompt starts with the shared prefix: prefix sharing off")
         prefix = []
     head = None
@@ -223,6 +255,25 @@ def build(cfg: TrainConfig, launch: Launch, task: Task) -> Trainable:
     else:
         objective = AnswerLoss(model, prefix)
     return Trainable(model, objective, head, prefix, n_trainable + (head_size(head)), n_total + head_size(head))
+
+
+def log_memory_estimate(cfg: TrainConfig, launch: Launch, task: Task) -> None:
+    """Before the base loads (main process): what its weights, gradients, AdamW states and adapters will take."""
+    if not launch.is_main:
+        return
+    from arxiv_ft.modeling import estimate_memory, model_config
+
+    try:
+        config = model_config(task.source, cfg.trust_remote_code)
+        if config is None:
+            launch.log(f"memory estimate: no config of {cfg.model} here (not a folder, cached, or in KNOWN_MODELS)")
+            return
+        targets = cfg.lora_targets.split(",")
+        estimate = estimate_memory(config, launch.method, launch.dtype, cfg.lora_rank, targets, cfg.lora_layers)
+    except Exception as exc:  # an estimate is advice: a model it cannot build on the meta device still trains
+        launch.log(f"memory estimate for {cfg.model} failed: {exc}")
+        return
+    launch.log(f"memory estimate for {cfg.model} ({cfg.method}, {launch.dtype}): {estimate.describe()}")
 
 
 def head_size(head) -> int:
@@ -620,14 +671,16 @@ def tfidf_rows(cfg: TrainConfig, launch: Launch, task: Task) -> dict | None:
     if not cfg.tfidf_baseline:
         return None
     from arxiv_ft.baseline import fit_and_score
+    from arxiv_ft.sources import to_records
 
-    seen = {r.id: task.builder.visible_text(r) for r in task.train_records + task.eval_records}
+    train = to_records(task.train)
+    seen = {r.id: task.builder.visible_text(r) for r in train + task.eval_records}
     rows = {
-        "llm_text": fit_and_score(task.train_records, task.eval_records, task.labels, lambda r: seen[r.id]),
-        "full_text": fit_and_score(task.train_records, task.eval_records, task.labels),
+        "llm_text": fit_and_score(train, task.eval_records, task.labels, lambda r: seen[r.id]),
+        "full_text": fit_and_score(train, task.eval_records, task.labels),
     }
     launch.log(
-        f"TF-IDF + linear SVM on the same {len(task.train_records)} papers: accuracy "
+        f"TF-IDF + linear SVM on the same {len(train)} papers: accuracy "
         f"{rows['llm_text']['accuracy']:.4f} reading the prompt's text, {rows['full_text']['accuracy']:.4f} the "
         "full abstract"
     )

@@ -7,6 +7,7 @@ change is a new id, never an edit of an old one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
 
 from arxiv_ft.records import Record
@@ -92,6 +93,19 @@ class PromptSpec:
         return cls(**known)
 
 
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def chat_date_string(day: date | None = None) -> str:
+    """`day` (default: today) as Llama 3's template writes it, "26 Jul 2024".
+
+    Spelled out rather than strftime("%d %b %Y"): %b follows the process's LC_TIME locale, and a German locale would
+    pin "Dez" where the model was trained on "Dec".
+    """
+    day = day or date.today()
+    return f"{day.day:02d} {_MONTHS[day.month - 1]} {day.year}"
+
+
 CHAT_TEMPLATES = Path(__file__).resolve().parent / "chat"  # shipped chat templates, by name: chatml, llama3, ...
 
 
@@ -108,7 +122,8 @@ def resolve_chat_template(tokenizer, spec: str, model: str) -> None:
             raise SystemExit(f"--chat-template {spec}: neither a file nor a shipped template ({shipped})")
         tokenizer.chat_template = path.read_text(encoding="utf-8")
     elif tokenizer.chat_template is None:
+        shipped = " or ".join(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
         raise SystemExit(
-            f"the tokenizer of {model!r} has no chat template (a base model?): pass --chat-template chatml "
-            f"(or another name in {CHAT_TEMPLATES}, or a .jinja file) to train it with one"
+            f"the tokenizer of {model!r} has no chat template (a base model?): pass --chat-template {shipped} "
+            f"(shipped in {CHAT_TEMPLATES}), or --chat-template FILE.jinja, to train it with one"
         )

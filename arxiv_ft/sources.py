@@ -1,10 +1,206 @@
-"""Where training and evaluation papers come from: files, `datasets` folders and Hub datasets, mapped to records."""
+"""Where training and evaluation papers come from: through `datasets`, from JSON/JSONL(.gz), Parquet or CSV files, a
+folder written by `save_to_disk`, or a Hub dataset id (from the local cache when offline), with any column names.
+
+A source becomes a `datasets.Dataset` with the columns the task needs (`id`, `title`, `abstract`, `primary`), checked
+row by row: a bad record is an error naming the file and row (the line, for JSON lines). Nothing is held as Python
+objects per paper: the rows stay in Arrow files that every process maps, and tokenisation (data.tokenize_dataset)
+is cached beside them, so a second process or a requeued job reads the cache instead of tokenising again.
+"""
 
 from __future__ import annotations
 
+import collections
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
 from arxiv_ft import records as rec
 
+_SUFFIXES = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv"}
+_WHITESPACE = re.compile(r"\s+")
 
-def load_task(cfg) -> tuple[list[str], list[rec.Record], list[rec.Record]]:
-    """The label set, training and evaluation records of a train/baseline config (labels checked, sampled per class)."""
-    return rec.load_task(cfg.labels, cfg.train_file, cfg.eval_file, cfg.train_per_class, cfg.eval_per_class, cfg.seed)
+
+@dataclass(frozen=True)
+class Fields:
+    """Which column holds what (the arXiv snapshot's names by default)."""
+
+    id: str = "id"
+    title: str = "title"
+    abstract: str = "abstract"
+    label: str = "categories"
+
+    @classmethod
+    def of(cls, cfg) -> Fields:
+        return cls(cfg.id_field, cfg.title_field, cfg.abstract_field, cfg.label_field)
+
+
+class SourceError(ValueError):
+    """A data source that cannot be read, or a record in it that cannot be used; the message names where."""
+
+
+def _builder(spec: str) -> str | None:
+    path = Path(spec)
+    if path.is_file():
+        suffix = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
+        if suffix not in _SUFFIXES:
+            raise SourceError(f"{spec}: unknown file kind {suffix!r}; give JSON/JSONL(.gz), Parquet or CSV")
+        return _SUFFIXES[suffix]
+    return None
+
+
+def load_raw(spec: str, split: str):
+    """The rows of a source as a `datasets.Dataset`, columns as the source has them."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    kind = _builder(spec)
+    if kind == "json" and not any(line.strip() for _, line in zip(range(1000), _lines(spec))):
+        return datasets.Dataset.from_dict({})  # an empty file: no papers (pyarrow refuses to read it at all)
+    try:
+        if kind == "csv":
+            # Every column as text: type inference would turn the id 2511.18900 into the float 2511.189 (and the
+            # title "NA" into a missing value).
+            import csv
+
+            with open(spec, newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+            features = datasets.Features({name: datasets.Value("string") for name in header})
+            return datasets.load_dataset(
+                "csv", data_files=spec, split="train", features=features, keep_default_na=False, na_filter=False
+            )
+        if kind is not None:
+            return datasets.load_dataset(kind, data_files=spec, split="train")
+        if Path(spec).is_dir():
+            loaded = datasets.load_from_disk(spec)
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise SourceError(f"{spec}: no split {split!r} (it has {', '.join(loaded)}); pass the split")
+                return loaded[split]
+            return loaded
+        return datasets.load_dataset(spec, split=split)  # a Hub id: the local cache when offline
+    except SourceError:
+        raise
+    except FileNotFoundError as exc:
+        raise SourceError(f"{spec}: no such file, folder or cached Hub dataset ({exc})") from None
+    except Exception as exc:  # pyarrow/json errors: find the line with the project's own reader when it can
+        if kind == "json":
+            for line_no, item in rec.iter_records_and_rejects(spec):
+                if isinstance(item, rec.Reject) and item.reason.startswith(("malformed JSON", "invalid UTF-8")):
+                    raise SourceError(f"{spec}:{line_no}: {item.reason}") from None
+        raise SourceError(f"{spec}: cannot be read as {kind or 'a dataset'}: {exc}") from None
+
+
+def _lines(spec: str):
+    import gzip
+
+    with (gzip.open if spec.endswith(".gz") else open)(spec, "rb") as fh:
+        yield from fh
+
+
+def _clean(text: str) -> str:
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def normalise(ds, fields: Fields, where: str):
+    """Rename and check: `id`, `title`, `abstract` (whitespace collapsed), `primary` (the label column's first
+    entry). A missing column or a bad row is a SourceError naming it."""
+    if ds.num_rows == 0:
+        import datasets
+
+        return datasets.Dataset.from_dict({"id": [], "title": [], "abstract": [], "primary": []})
+    missing = [c for c in (fields.title, fields.abstract, fields.label) if c not in ds.column_names]
+    if missing:
+        names = ", ".join(map(repr, missing))
+        raise SourceError(f"{where}: no column {names} (columns: {', '.join(ds.column_names)})")
+    has_id = fields.id in ds.column_names
+    line_numbers = where.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+
+    def row(example, index):
+        where_row = f"{where}:{index + 1}" if line_numbers else f"{where} row {index + 1}"
+        values = {}
+        for name, column in (("title", fields.title), ("abstract", fields.abstract)):
+            value = example[column]
+            if not isinstance(value, str) or not _clean(value):
+                raise SourceError(f"{where_row}: empty or missing {column!r}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SourceError(f"{where_row}: {column!r} holds an unpaired surrogate") from None
+            values[name] = _clean(value)
+        label = example[fields.label]
+        label = label.split() if isinstance(label, str) else list(label or [])
+        if not label or not isinstance(label[0], str):
+            raise SourceError(f"{where_row}: empty or missing {fields.label!r}")
+        paper_id = str(example[fields.id]).strip() if has_id else str(index)
+        return {"id": paper_id or str(index), "primary": label[0], **values}
+
+    keep = ["id", "title", "abstract", "primary"]
+    return ds.map(row, with_indices=True, remove_columns=[c for c in ds.column_names if c not in keep], desc=None)
+
+
+def load_split(spec: str, split: str, fields: Fields):
+    """A checked, normalised dataset of one source."""
+    return normalise(load_raw(spec, split), fields, spec)
+
+
+def label_set(spec: str, train) -> list[str]:
+    """Labels from a spec (records.label_set), where `top:K` counts the training dataset's primaries."""
+    if not spec.startswith("top:"):
+        return rec.label_set(spec, "")
+    counts = collections.Counter(train["primary"])
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: int(spec[4:])]
+    labels = sorted(label for label, _ in ranked)
+    if len(labels) < 2:
+        raise ValueError(f"{spec}: {len(labels)} label(s); a classifier needs at least 2")
+    return labels
+
+
+def check_labels(ds, labels: list[str], where: str) -> None:
+    """Every primary category must be in the label set; the first that is not is an error naming the row and id."""
+    allowed = set(labels)
+    for index, primary in enumerate(ds["primary"]):
+        if primary not in allowed:
+            raise rec.RecordError(
+                f"{where}: record {index + 1} (id {ds[index]['id']}) has primary category {primary!r}, which is not "
+                f"in the label set ({len(labels)} labels: {', '.join(labels)}). Filter the data or pass a label set "
+                "that includes it."
+            )
+
+
+def per_class_indices(ids: list[str], primaries: list[str], per_class: int, seed: int) -> list[int]:
+    """At most `per_class` rows of each primary category, chosen by hashed id (records.per_class_sample's rule)."""
+    order = sorted(range(len(ids)), key=lambda i: rec.split_bucket(ids[i], seed))
+    taken: collections.Counter[str] = collections.Counter()
+    out = []
+    for i in order:
+        if taken[primaries[i]] < per_class:
+            taken[primaries[i]] += 1
+            out.append(i)
+    return out
+
+
+def sample(ds, per_class: int, seed: int):
+    """The per-class sample of a dataset (all rows when per_class is 0), in hashed-id order."""
+    if not per_class:
+        return ds
+    return ds.select(per_class_indices(ds["id"], ds["primary"], per_class, seed))
+
+
+def to_records(ds) -> list[rec.Record]:
+    """Rows as records (for the evaluation set and the TF-IDF baseline; training reads Arrow rows instead)."""
+    return [rec.Record(r["id"], r["title"], r["abstract"], (r["primary"],)) for r in ds]
+
+
+def load_task(cfg):
+    """(labels, training dataset, evaluation records) of a train/baseline config: labels checked, sampled per class.
+
+    Training papers are sampled with the run's seed; evaluation papers always with seed 0, so every run and the
+    TF-IDF baseline are scored on the same papers.
+    """
+    fields = Fields.of(cfg)
+    train = load_split(cfg.train_file, cfg.train_split, fields)
+    labels = label_set(cfg.labels, train)
+    evals = load_split(cfg.eval_file, cfg.eval_split, fields)
+    check_labels(train, labels, cfg.train_file)
+    check_labels(evals, labels, cfg.eval_file)
+    return labels, sample(train, cfg.train_per_class, cfg.seed), to_records(sample(evals, cfg.eval_per_class, 0))

@@ -1,12 +1,18 @@
-"""What both benchmarks share: the model (real or a random Llama-3.2-1B shape), the data, memory and machine facts."""
+"""What the benchmarks share: a random model folder in a given shape, the papers, memory resets, child processes,
+the machine's description and the tables. Everything else (dtype, peak FLOP/s, FLOPs per token, memory) is read
+from the project, so a benchmark measures what train.py and infer.py run."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -15,18 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python benchmarks/x.py` from anywhere, without installing the package
 
 from arxiv_ft import records as rec  # noqa: E402
-from arxiv_ft.data import PromptBuilder  # noqa: E402
-from arxiv_ft.modeling import LLAMA_LINEAR_MODULES, load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from arxiv_ft.prompts import DEFAULT_TEMPLATE, get_template  # noqa: E402
+from arxiv_ft.modeling import load_tokenizer, resolve_model_path  # noqa: E402
 
 ASSETS = ROOT / "arxiv_ft" / "assets"
-# Dense bf16 peak FLOP/s (as train.py's table); CPUs have no agreed peak: pass --peak-tflops.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 
 
 def add_model_args(parser) -> None:
-    """Options every benchmark takes: which model, where, in which dtype."""
-    parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder or smollm2-135m")
+    """Options every benchmark takes: which model, in which dtype, on how many CPU threads."""
+    parser.add_argument("--model", default="smollm2-135m", help="hub id (cached), local folder or smollm2-135m")
     parser.add_argument(
         "--random-llama-1b",
         action="store_true",
@@ -34,81 +36,69 @@ def add_model_args(parser) -> None:
         "the tokenizer stays --model's",
     )
     parser.add_argument("--random-weights", action="store_true", help="--model's architecture, random weights")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: fp32 CPU, bf16 CUDA")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="as train.py's --dtype")
     parser.add_argument("--max-seq-tokens", type=int, default=192, help="prompt + answer token budget")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0 = known GPUs only)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the project's rule)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON here")
 
 
-def set_threads(threads: int) -> None:
-    # On a shared CPU, more threads than free cores makes every op wait for the slowest thread: 1 can be ~5x faster.
-    if threads:
-        torch.set_num_threads(threads)
+LLAMA_1B = "meta-llama/Llama-3.2-1B-Instruct"
+# A tiny decoder for CPU checks: the same architecture, 2 layers of width 64.
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=16)
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32  # bf16 on CPUs without AMX is very slow
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+def llama_1b_config(tokenizer, tiny: bool = False):
+    """Llama-3.2-1B-Instruct's config as the project knows it (arxiv_ft.modeling.known_config: hidden 2048, 16 layers,
+    32 query / 8 KV heads, intermediate 8192, vocab 128256, tied, RoPE theta 500000), or tiny shapes with the
+    tokenizer's vocabulary; the special ids are the tokenizer's."""
+    from arxiv_ft.modeling import known_config
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids.update(pad_token_id=tokenizer.pad_token_id)
+    shape = dict(TINY_SHAPE, num_key_value_heads=2, vocab_size=len(tokenizer)) if tiny else {}
+    config = known_config(LLAMA_1B, **ids, **shape)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the vocabulary {config.vocab_size}")
+    return config
 
 
-def llama_1b_config():
-    """Llama-3.2-1B's shape (random weights are fine for speed)."""
-    from transformers import LlamaConfig
+def write_random_model(folder: Path, config, tokenizer, dtype: torch.dtype, seed: int = 0) -> Path:
+    """A model folder (safetensors + tokenizer) with random weights in `config`'s shape: what --model can name.
 
-    return LlamaConfig(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=8192,
-        vocab_size=128256,
-        tie_word_embeddings=True,
-        max_position_embeddings=131072,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    Built on the GPU when there is one (initialising 1.2B weights on a CPU takes minutes)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder
 
 
-def build_model(args, dtype: torch.dtype, quantization_config=None):
-    """The base model on args.device, optionally quantised (a random model is saved once, then loaded quantised)."""
-    device_map = {"": 0} if args.device == "cuda" else "cpu"
+def model_path(args, workdir: Path) -> str:
+    """The folder the benchmark loads: --model itself, or (with --random-*) a random copy written under `workdir`."""
     if not (args.random_llama_1b or args.random_weights):
-        return load_model(args.model, dtype, quantization_config=quantization_config, device_map=device_map)
-    from transformers import AutoConfig, AutoModelForCausalLM
+        return args.model
+    from transformers import AutoConfig
 
-    config = llama_1b_config() if args.random_llama_1b else AutoConfig.from_pretrained(resolve_model_path(args.model))
-    torch.manual_seed(args.seed)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    if quantization_config is None:
-        return model
-    with tempfile.TemporaryDirectory() as tmp:  # bitsandbytes quantises at load time
-        model.save_pretrained(tmp)
-        del model
-        return load_model(tmp, dtype, quantization_config=quantization_config, device_map=device_map)
+    tokenizer = load_tokenizer(args.model)
+    if args.random_llama_1b:
+        config = llama_1b_config(tokenizer)
+    else:
+        config = AutoConfig.from_pretrained(resolve_model_path(args.model))
+    return str(write_random_model(workdir / "random-model", config, tokenizer, torch.bfloat16, args.seed))
 
 
 def describe_model(args) -> str:
     if args.random_llama_1b:
-        return "Llama-3.2-1B shape, random weights"
+        return f"Llama-3.2-1B shape, random weights, tokenizer of {args.model}"
     return args.model + (" (random weights)" if args.random_weights else "")
-
-
-def lora_targets() -> list[str]:
-    return list(LLAMA_LINEAR_MODULES)
-
-
-def load_builder(model: str, max_seq_tokens: int, labels: list[str] | None = None, template: str = DEFAULT_TEMPLATE):
-    """(tokenizer, PromptBuilder) with the project's default prompt and label set."""
-    tokenizer = load_tokenizer(model)
-    labels = labels or rec.read_labels(ASSETS / "cs-labels.txt")
-    return tokenizer, PromptBuilder(tokenizer, get_template(template), labels, max_seq_tokens)
 
 
 def sample_records(path: Path, labels: list[str], per_class: int, seed: int) -> list:
@@ -117,55 +107,63 @@ def sample_records(path: Path, labels: list[str], per_class: int, seed: int) -> 
     return rec.per_class_sample(records, per_class, seed)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def sync(device) -> None:
+    """Wait for the GPU, so that a timer measures the work and not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def reset_peak_memory(device: str) -> int:
-    """Start a fresh peak; returns the memory in use now (CUDA: allocated bytes; CPU: RSS bytes)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    try:  # Linux >= 4.0: writing 5 resets this process's peak RSS (VmHWM) to its current RSS
+def reset_peak_memory(device) -> None:
+    """Start a fresh peak for arxiv_ft.metrics.peak_memory_bytes (CUDA: max allocated; CPU: peak RSS)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: writing 5 resets this process's peak RSS (VmHWM, and getrusage's ru_maxrss) to its RSS
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    return _proc_status_kb("VmRSS") * 1024
 
 
-def peak_memory(device: str) -> int:
-    """Peak since reset_peak_memory (CUDA: max allocated; CPU: VmHWM, i.e. peak RSS)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return _proc_status_kb("VmHWM") * 1024
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _proc_status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    import resource
+def run_process(cmd: list[str], timeout_s: float, env: dict | None = None) -> tuple[int | None, str, str]:
+    """Run `cmd` in its own process group; (exit status or None if it ran past `timeout_s`, stdout, stderr).
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: lifetime peak, in kB
+    On a timeout the whole group is killed: `accelerate launch` leaves its workers behind otherwise."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True, cwd=ROOT)
+        try:
+            code = proc.wait(timeout=max(1.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+        out.seek(0)
+        err.seek(0)
+        return code, out.read(), err.read()
 
 
-def peak_flops(device: str, dtype: torch.dtype, override_tflops: float) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device != "cuda" or dtype != torch.bfloat16:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+class Deadline:
+    """A wall-clock budget shared by every part of a run (None: no limit)."""
+
+    def __init__(self, seconds: float | None, started: float | None = None):
+        self.end = None if seconds is None else (started or time.time()) + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.time()
 
 
-def machine_info(device: str) -> dict:
+def machine_info(device) -> dict:
     """Enough to tell two runs' machines apart, load average included (a shared CPU is a slower CPU)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes"):
+    for pkg in ("torch", "transformers", "accelerate", "peft", "trl", "bitsandbytes", "deepspeed", "datasets"):
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -176,8 +174,9 @@ def machine_info(device: str) -> dict:
             ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln
         ]
         cpu = names[0] if names else cpu
+    cuda = torch.device(device).type == "cuda"
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -192,15 +191,21 @@ def fmt(value, spec: str = ".1f", missing: str = "—") -> str:
     return missing if value is None else format(value, spec.rstrip("%x")) + suffix
 
 
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    for i, row in enumerate([header, ["-" * w for w in widths], *rows]):
-        print("  ".join(str(c).rjust(w) if i and j else str(c).ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+def markdown_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """A GitHub markdown table; columns whose index is in `right` are right-aligned (numbers)."""
+    cells = [header, *rows]
+    widths = [max(len(str(row[j])) for row in cells) for j in range(len(header))]
+    rule = ["-" * (w - 1) + ":" if j in right else "-" * w for j, w in enumerate(widths)]
+    lines = []
+    for row in [header, rule, *rows]:
+        padded = [str(c).rjust(w) if j in right else str(c).ljust(w) for j, (c, w) in enumerate(zip(row, widths))]
+        lines.append("| " + " | ".join(padded) + " |")
+    return "\n".join(lines)
 
 
-def write_json(obj, path: str | None, quiet: bool = False) -> None:
+def write_json(obj, path: str | Path | None, quiet: bool = False) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(obj, indent=2) + "\n")
         if not quiet:
-            print(f"wrote {path}")
+            print(f"wrote {path}", file=sys.stderr)

@@ -162,7 +162,7 @@ def test_unknown_label_in_data_is_an_error_naming_it(tiny_model_dir, tmp_path):
     lines = (ASSETS / "cs-train-sample.jsonl").read_text().splitlines()[:5]
     lines.append(json.dumps({"id": "2401.00001", "title": "T", "abstract": "A", "categories": "math.CO cs.LG"}))
     bad.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"id 2401.00001.*'math.CO'"):
+    with pytest.raises(SystemExit, match=r"id 2401.00001.*'math.CO'"):
         run(["--model", tiny_model_dir, "--train-file", str(bad), "--output-dir", str(tmp_path / "o")])
 
 

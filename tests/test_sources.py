@@ -1,0 +1,139 @@
+"""Data in through `datasets`: every kind of source and column naming gives the same papers; bad rows are named;
+tokenisation is cached, so a second process or a requeued job does not tokenise again."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pytest
+
+from arxiv_ft.data import PromptBuilder, tokenize_dataset, tokenize_records
+from arxiv_ft.prompts import get_template
+from arxiv_ft.records import RecordError, read_records
+from arxiv_ft.sources import Fields, SourceError, load_split, load_task, to_records
+from tests.conftest import ASSETS
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def papers():
+    return list(read_records(ASSETS / "cs-train-sample.jsonl"))[:N]
+
+
+def renamed_rows(papers, label_as: str = "list"):
+    """The papers with other column names: Title / Summary / Tags (a list, or the primary alone) / Key."""
+    rows = []
+    for r in papers:
+        tags = list(r.categories) if label_as == "list" else r.primary
+        rows.append({"Key": r.id, "Title": r.title, "Summary": r.abstract, "Tags": tags, "extra": 1})
+    return rows
+
+
+RENAMED = Fields(id="Key", title="Title", abstract="Summary", label="Tags")
+
+
+def write_sources(tmp_path, papers) -> dict[str, tuple[str, Fields]]:
+    import datasets
+
+    jsonl = tmp_path / "papers.jsonl"
+    jsonl.write_text("".join(json.dumps(r.to_json()) + "\n" for r in papers))
+    gz = tmp_path / "papers.jsonl.gz"
+    gz.write_bytes(gzip.compress(jsonl.read_bytes()))
+    ds = datasets.Dataset.from_list(renamed_rows(papers))
+    ds.to_parquet(str(tmp_path / "papers.parquet"))
+    datasets.Dataset.from_list(renamed_rows(papers, "primary")).to_csv(str(tmp_path / "papers.csv"), index=False)
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(5))}).save_to_disk(str(tmp_path / "saved"))
+    return {
+        "jsonl": (str(jsonl), Fields()),
+        "jsonl.gz": (str(gz), Fields()),
+        "parquet": (str(tmp_path / "papers.parquet"), RENAMED),
+        "csv": (str(tmp_path / "papers.csv"), RENAMED),
+        "save_to_disk": (str(tmp_path / "saved"), RENAMED),
+    }
+
+
+def test_every_kind_of_source_gives_the_same_papers(tmp_path, papers):
+    for kind, (spec, fields) in write_sources(tmp_path, papers).items():
+        got = to_records(load_split(spec, "train", fields))
+        assert [(r.id, r.title, r.abstract, r.primary) for r in got] == [
+            (r.id, r.title, r.abstract, r.primary) for r in papers
+        ], kind
+
+
+def test_a_hub_dataset_id_loads_from_the_local_cache_offline(tmp_path, papers, monkeypatch):
+    """What `load_dataset("org/name")` leaves in the datasets cache after a download, loaded offline by id."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    ds = datasets.Dataset.from_list(renamed_rows(papers))
+    root = tmp_path / "datasets-cache" / "arxiv-ft-test___papers" / "default" / "0.0.0" / "0123456789abcdef"
+    root.mkdir(parents=True)
+    with ArrowWriter(path=str(root / "papers-train.arrow"), features=ds.features) as writer:
+        writer.write_table(ds.data.table)
+        writer.finalize()
+    splits = datasets.SplitDict(dataset_name="papers")
+    splits.add(datasets.SplitInfo(name="train", num_examples=len(ds), dataset_name="papers"))
+    info = datasets.DatasetInfo(features=ds.features, config_name="default", dataset_name="papers", splits=splits)
+    info.write_to_directory(str(root))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    got = to_records(load_split("arxiv-ft-test/papers", "train", RENAMED))
+    assert [r.id for r in got] == [r.id for r in papers]
+
+
+def test_a_bad_row_is_named_by_file_and_line_and_a_missing_column_by_name(tmp_path, papers):
+    rows = [r.to_json() for r in papers[:5]]
+    rows[3]["abstract"] = "   "
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SourceError, match=r"bad.jsonl:4: empty or missing 'abstract'"):
+        load_split(str(path), "train", Fields())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(rows[0]) + "\n" + '{"id": "x", "title": "Broken\n')
+    with pytest.raises(SourceError, match=r"broken.jsonl:2: malformed JSON"):
+        load_split(str(broken), "train", Fields())
+    with pytest.raises(SourceError, match=r"no column 'Summary'"):
+        load_split(str(path), "train", Fields(abstract="Summary"))
+
+
+def test_train_and_baseline_read_the_same_papers_from_any_source(tmp_path, papers):
+    from arxiv_ft.options import BaselineConfig, TrainConfig
+
+    sources = write_sources(tmp_path, papers)
+    spec, fields = sources["parquet"]
+    mapping = {"id_field": fields.id, "title_field": fields.title, "abstract_field": fields.abstract}
+    mapping["label_field"] = fields.label
+    for cls in (TrainConfig, BaselineConfig):
+        cfg = cls(train_file=spec, eval_file=sources["csv"][0], train_per_class=1, eval_per_class=1, **mapping)
+        labels, train, evals = load_task(cfg)
+        assert len(train) == len({r.primary for r in papers}) and len(evals) == len(train)
+    with pytest.raises(RecordError, match="not in the label set"):
+        load_task(TrainConfig(train_file=spec, eval_file=sources["csv"][0], labels="cs.AI,cs.XX", **mapping))
+
+
+def test_tokenisation_is_cached_and_equals_the_in_memory_path(tmp_path, papers, tokenizer, labels):
+    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), labels, 160)
+    ds = load_split(str(write_sources(tmp_path, papers)["jsonl"][0]), "train", Fields())
+    examples, stats, has_prefix = tokenize_dataset(builder, ds, tmp_path / "cache")
+    want, want_stats = tokenize_records(builder, papers)
+    assert [(e.id, e.prompt_ids, e.target_ids, e.label_index) for e in examples] == [
+        (e.id, e.prompt_ids, e.target_ids, e.label_index) for e in want
+    ]
+    assert stats["kept"] == want_stats.kept and stats["truncated"] == want_stats.truncated and has_prefix
+    assert list(examples.lengths) == [len(e.input_ids) for e in want]
+    # A second process (or a requeued job) with the same inputs reads the cache: nothing is tokenised again.
+    calls = []
+    original = builder.example
+    builder.example = lambda *a, **k: calls.append(1) or original(*a, **k)
+    again, _, _ = tokenize_dataset(builder, ds, tmp_path / "cache")
+    assert calls == [] and [e.prompt_ids for e in again] == [e.prompt_ids for e in examples]
+    # Another prompt budget is another cache entry.
+    builder.example = original
+    other = PromptBuilder(tokenizer, get_template("arxiv-v1"), labels, 200)
+    assert len(list((tmp_path / "cache").glob("tokenized-*.arrow"))) == 1
+    tokenize_dataset(other, ds, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("tokenized-*.arrow"))) == 2
+    shutil.rmtree(tmp_path / "cache")

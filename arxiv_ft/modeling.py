@@ -452,7 +452,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights counted as the elements they represent."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 partitioned parameter is empty here
         if hasattr(param, "quant_state"):  # bitsandbytes Params4bit store two 4-bit values a byte
             n *= 2
         total += n

@@ -9,7 +9,9 @@ libraries load here, not where the command line is parsed.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from safetensors.torch import load_file, save_file
 
 from arxiv_ft import checkpoints as ckpt
 from arxiv_ft import records as rec
@@ -30,6 +33,7 @@ from arxiv_ft.data import (
     collate_packed,
     collate_prompts,
 )
+from arxiv_ft.fileio import FolderLock, fsync_dir, fsync_tree, read_json, write_json
 from arxiv_ft.fit import Setup, TrainState, lr_schedule
 from arxiv_ft.loss import AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree
 from arxiv_ft.methods import Method, get_method
@@ -43,6 +47,8 @@ logger = logging.getLogger("arxiv_ft")
 
 # Options that may change between a run and its resumption; any other difference makes a checkpoint unusable.
 RESUMABLE_CHANGES = {
+    "batch_size",  # with grad_accum_steps and the process count: only their product (checked) must stay
+    "grad_accum_steps",
     "resume",
     "output_dir",
     "overwrite_output_dir",
@@ -303,8 +309,7 @@ def setup_fit(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable
         ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         ds_config["gradient_clipping"] = cfg.max_grad_norm
     train_model, optimizer = acc.prepare(trainable.objective, optimizer)
-    warmup = min(plan.steps, int(cfg.warmup_ratio * plan.steps + 0.999999))
-    scheduler = lr_schedule(optimizer, cfg.lr_schedule, warmup, plan.steps, cfg.min_lr_ratio)
+    scheduler = schedule(cfg, optimizer, plan.steps)
     n_prefix, pad_id, builder = len(trainable.prefix), task.tokenizer.pad_token_id, task.builder
 
     def collate(examples):
@@ -325,6 +330,12 @@ def setup_fit(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable
         return float(len(ex.target_ids))
 
     return Setup(acc, train_model, optimizer, scheduler, plan, collate, units, cfg.max_grad_norm, cfg.seed)
+
+
+def schedule(cfg: TrainConfig, optimizer, total_steps: int, step: int = 0):
+    """The learning-rate schedule the config asks for, positioned at `step`."""
+    warmup = min(total_steps, math.ceil(cfg.warmup_ratio * total_steps))
+    return lr_schedule(optimizer, cfg.lr_schedule, warmup, total_steps, cfg.min_lr_ratio, step)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -367,6 +378,15 @@ def resume(cfg: TrainConfig, launch: Launch, setup: Setup, trainable: Trainable)
             continue
         saved = ckpt.read_state(path)
         check_resumable(saved.get("config", {}), to_dict(cfg))
+        global_batch = saved.get("global_batch", setup.plan.step_size)
+        if global_batch != setup.plan.step_size:
+            world = launch.accelerator.num_processes
+            raise SystemExit(
+                f"{path} was trained with {global_batch} examples per optimizer step; this launch makes "
+                f"{setup.plan.step_size} ({cfg.batch_size} per micro-batch x {world} processes x "
+                f"{cfg.grad_accum_steps} accumulation steps): choose --batch-size / --grad-accum-steps so the "
+                "product is the same, and the same global batches follow"
+            )
         if saved.get("format") == "accelerate" and saved.get("world_size") != launch.accelerator.num_processes:
             raise SystemExit(
                 f"{path} holds {saved.get('world_size')} DeepSpeed/FSDP shards, this launch has "
@@ -375,14 +395,7 @@ def resume(cfg: TrainConfig, launch: Launch, setup: Setup, trainable: Trainable)
             )
         load_checkpoint(launch, setup, trainable, path, saved)
         state = TrainState.from_json(saved["state"])
-        setup.scheduler = lr_schedule(
-            setup.optimizer,
-            cfg.lr_schedule,
-            min(setup.plan.steps, int(cfg.warmup_ratio * setup.plan.steps + 0.999999)),
-            setup.plan.steps,
-            cfg.min_lr_ratio,
-            step=state.step,
-        )
+        setup.scheduler = schedule(cfg, setup.optimizer, setup.plan.steps, state.step)
         changed = saved.get("world_size") != launch.accelerator.num_processes
         launch.log(
             f"resumed from {path} at step {state.step}/{setup.plan.steps}"
@@ -438,8 +451,6 @@ def save_checkpoint(
     root = ckpt.checkpoint_root(cfg.output_dir)
     partial, final = root / f"step-{state.step:08d}.partial", root / f"step-{state.step:08d}"
     if acc.is_main_process:
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crash while saving this same step
         partial.mkdir(parents=True)
     acc.wait_for_everyone()
@@ -450,18 +461,15 @@ def save_checkpoint(
     acc.wait_for_everyone()
     if acc.is_main_process:
         if not sharded:
-            from safetensors.torch import save_file
-
             tensors, meta = ckpt.optimizer_tensors(setup.optimizer)
             save_file(tensors, partial / ckpt.OPTIMIZER_FILE)
-            from arxiv_ft.fileio import write_json
-
             write_json(partial / ckpt.OPTIMIZER_META, meta)
         ckpt.write_state(
             partial,
             {
                 "format": "accelerate" if sharded else "safetensors",
                 "world_size": acc.num_processes,
+                "global_batch": setup.plan.step_size,
                 "config": to_dict(cfg),
                 "state": state.to_json(),
                 "before": before,
@@ -479,10 +487,6 @@ def load_checkpoint(launch: Launch, setup: Setup, trainable: Trainable, path: Pa
     if saved.get("format") == "accelerate":
         acc.load_state(str(path / ckpt.ACCELERATE_STATE))
         return
-    from safetensors.torch import load_file
-
-    from arxiv_ft.fileio import read_json
-
     model = acc.unwrap_model(trainable.model)
     if launch.method.adapter:
         from peft import set_peft_model_state_dict
@@ -505,10 +509,6 @@ def load_checkpoint(launch: Launch, setup: Setup, trainable: Trainable, path: Pa
 
 def save_best(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, metrics: dict, step: int) -> None:
     """Replace best/ with the model as it is now (every process; the swap is atomic on the main one)."""
-    import shutil
-
-    from arxiv_ft.fileio import fsync_dir, fsync_tree
-
     out = Path(cfg.output_dir)
     partial, best, old = out / "best.partial", out / "best", out / "best.old"
     if launch.is_main:
@@ -601,8 +601,6 @@ def claim_output(cfg: TrainConfig, launch: Launch):
     """Lock the output folder for this run and refuse to mix runs in it (see RunDir.prepare); every process stops
     alike when the main one refuses."""
     from accelerate.utils import broadcast_object_list
-
-    from arxiv_ft.fileio import FolderLock
 
     problem, lock = [None], _NoLock()
     if launch.is_main:

@@ -309,3 +309,41 @@ def test_resume_refuses_a_different_config(tiny_model_dir, tmp_path):
     (tmp_path / "ledger.json").unlink()  # as if it had crashed after its last checkpoint
     res = subprocess.run([sys.executable, "train.py", *args, "--lr", "0.5"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and "lr: 0.0004 -> 0.5" in res.stderr
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes_with_the_same_global_batches(tiny_model_dir, tmp_path):
+    """Stopped after step 6 of 10 on one process, finished on two (DDP): the same weights as one process alone.
+    (Each step's global batch is a function of the step only; dropout is off, so the result is exact.)"""
+    args = [*common(tiny_model_dir, "lora", steps=10), "--log-every-steps", "1", "--checkpoint-every-steps", "3"]
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    subprocess.run(
+        [sys.executable, "train.py", *args, "--batch-size", "4", "--output-dir", str(straight)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    first = run_until_signal(
+        [sys.executable, "train.py", *args, "--batch-size", "4", "--output-dir", str(moved)], 7, signal.SIGUSR1
+    )
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-2000:]
+    cmd = [*accelerate_train("ddp.yaml", 2, *args), "--batch-size", "2", "--output-dir", str(moved)]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "saved by 1 processes; the same global batches follow" in res.stderr
+    want = json.loads((straight / "metrics.json").read_text())["train"]["loss_curve"]
+    got = json.loads((moved / "metrics.json").read_text())["train"]["loss_curve"]
+    assert got == pytest.approx(want, rel=1e-4)
+    wa, wb = load_file(straight / "adapter_model.safetensors"), load_file(moved / "adapter_model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5)
+
+
+def test_deepspeed_shards_are_not_resumed_on_another_number_of_processes(tiny_model_dir, tmp_path):
+    args = [*common(tiny_model_dir, "full", steps=6), "--log-every-steps", "1", "--checkpoint-every-steps", "2"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    cmd = [*accelerate_train("zero2.yaml", 2, *args), "--batch-size", "2", "--output-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    (tmp_path / "ledger.json").unlink()  # as if it had stopped after its last checkpoint
+    one = [*accelerate_train("zero2.yaml", 1, *args), "--batch-size", "4", "--output-dir", str(tmp_path)]
+    res = subprocess.run(one, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "resume with the same number" in res.stderr, res.stderr[-2000:]

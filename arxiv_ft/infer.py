@@ -78,17 +78,17 @@ def infer(cfg: InferConfig) -> dict:
     progress = tqdm(total=mine_total, unit="paper", desc="infer", disable=not (cfg.progress and state.is_main_process))
     output.open()
     try:
-        window = []
+        chunk = []  # read ahead, so batches can be cut from papers of similar length
         for index, item in enumerate(iter_items(paths)):
             n_items = index + 1
             if index % world != rank or index in done:
                 continue
-            window.append((index, *item))
-            if len(window) >= cfg.window_batches * cfg.batch_size:
-                classify_window(classifier, window, cfg, output, counts, progress)
-                window = []
-        if window:
-            classify_window(classifier, window, cfg, output, counts, progress)
+            chunk.append((index, *item))
+            if len(chunk) >= cfg.window_batches * cfg.batch_size:
+                classify_chunk(classifier, chunk, cfg, output, counts, progress)
+                chunk = []
+        if chunk:
+            classify_chunk(classifier, chunk, cfg, output, counts, progress)
     finally:
         output.close()
         progress.close()
@@ -147,6 +147,7 @@ def resolve_task(cfg: InferConfig) -> dict:
                 cfg.template or PromptSpec.template,
                 cfg.max_seq_tokens or DEFAULT_MAX_SEQ_TOKENS,
                 cfg.token_budget or PromptSpec.token_budget,
+                chat_kwargs={"date_string": zero_shot_date(cfg)},
             )
             get_template(spec.template)
         except ValueError as exc:
@@ -180,6 +181,18 @@ def resolve_task(cfg: InferConfig) -> dict:
     return {"labels": labels, "prompt": spec, "run": run}
 
 
+def zero_shot_date(cfg: InferConfig) -> str:
+    """The date a zero-shot run's chat template prints: --chat-date, else the one this output started with (a
+    resumed output keeps its prompts), else today."""
+    from arxiv_ft.prompts import chat_date_string
+    from arxiv_ft.shards import ShardedOutput
+
+    started = ShardedOutput(cfg.output).side("run.json")
+    if not cfg.chat_date and started.is_file():
+        return json.loads(started.read_text()).get("chat_kwargs", {}).get("date_string") or chat_date_string()
+    return cfg.chat_date or chat_date_string()
+
+
 def run_record(cfg: InferConfig, spec: dict, paths, dtype) -> dict:
     """What decides the content of an output line; a resumed output must agree with all of it."""
     from arxiv_ft.modeling import ModelSource
@@ -205,9 +218,9 @@ def run_record(cfg: InferConfig, spec: dict, paths, dtype) -> dict:
 
 def refuse_overwriting_inputs(output, inputs) -> None:
     """The output (or a file beside it) must not be one of the inputs: merging would replace the input."""
-    mine = [output.out, output.side("rejects.jsonl"), output.side("summary.json"), output.side("run.json")]
+    written = [output.out, output.side("rejects.jsonl"), output.side("summary.json"), output.side("run.json")]
     resolved = {p.resolve() for p in inputs}
-    clash = [str(p) for p in mine if p.resolve() in resolved]
+    clash = [str(p) for p in written if p.resolve() in resolved]
     if clash:
         raise SystemExit(f"--output {output.out} would overwrite the input {clash[0]}: choose another output name")
 
@@ -297,14 +310,14 @@ def iter_items(paths):
             yield str(path), line_no, item
 
 
-def classify_window(classifier, window: list, cfg: InferConfig, output, counts: dict, progress) -> None:
-    """Classify one window of (index, path, line_no, item): rejects first, then length-sorted batches."""
+def classify_chunk(classifier, chunk: list, cfg: InferConfig, output, counts: dict, progress) -> None:
+    """Classify a read-ahead chunk of (index, path, line_no, item): rejects first, then length-sorted batches."""
     import torch
 
     from arxiv_ft import records as rec
 
     lines, todo = [], []
-    for index, path, line_no, item in window:
+    for index, path, line_no, item in chunk:
         prompt = None if isinstance(item, rec.Reject) else classifier.builder.prompt_ids(item)
         if isinstance(item, rec.Reject):
             lines.append({"index": index, "reject": item.to_json()})

@@ -60,20 +60,12 @@ def format_report(metrics: dict, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
-def training_flops_per_token(n_params: int, n_trainable: int, full: bool) -> float:
-    """Model FLOPs per trained token (attention excluded): 6N for full fine-tuning.
-
-    With frozen base weights (LoRA/QLoRA) the backward still propagates activation gradients through every
-    layer (2N) but computes no weight gradients for frozen weights: 4N + 6 x trainable.
-    """
-    return 6.0 * n_params if full else 4.0 * n_params + 6.0 * n_trainable
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak; None when the peak is unknown."""
-    if not peak_flops:
+def model_flops_utilisation(flops_per_token: float, tokens_per_s: float | None, peak: float | None) -> float | None:
+    """MFU: achieved model FLOP/s (FLOPs per token from the method table) over the device's peak; None when either
+    is unknown (CPUs have no agreed peak)."""
+    if not peak or not tokens_per_s:
         return None
-    return flops_per_token * tokens_per_s / peak_flops
+    return flops_per_token * tokens_per_s / peak
 
 
 # Dense bf16 peak FLOP/s of common training GPUs, for MFU (fp32 peaks are far lower; MFU is reported for bf16).

@@ -229,6 +229,9 @@ class InferConfig:
     template: str = option("", f"with --model: prompt template id (empty = {DEFAULT_TEMPLATE})")
     max_seq_tokens: int = option(0, "with --model: token budget (0 = train's default, 192)")
     token_budget: str = option("", "with --model: what the budget counts (empty = total)")
+    chat_date: str = option(
+        "", "with --model: the date chat templates print (empty = today; a resumed output keeps its own)"
+    )
     dtype: str = option("auto", "weights/compute dtype: auto = bf16 on a bf16 GPU, else fp32", DTYPE_CHOICES)
     trust_remote_code: bool = option(False, "allow model code from the model folder/hub to run")
     # classification

@@ -37,7 +37,7 @@ from arxiv_ft.fileio import FolderLock, fsync_dir, fsync_tree, read_json, write_
 from arxiv_ft.fit import Setup, TrainState, lr_schedule
 from arxiv_ft.loss import AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree
 from arxiv_ft.methods import Method, get_method
-from arxiv_ft.metrics import format_report, peak_flops, peak_memory_bytes
+from arxiv_ft.metrics import format_report, model_flops_utilisation, peak_flops, peak_memory_bytes
 from arxiv_ft.modeling import ModelSource, count_parameters, load_tokenizer, resolve_dtype, set_cpu_threads
 from arxiv_ft.options import TrainConfig
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
@@ -420,9 +420,11 @@ def _uses_accelerate_state(acc) -> bool:
 
 
 def _gathered_state_dict(acc, train_model) -> dict | None:
-    """Full weights where they exist only sharded (ZeRO-3): every rank takes part, the main one gets them."""
+    """Full weights where they exist only sharded (ZeRO-3, FSDP2): every rank takes part, the main one gets them.
+
+    (FSDP2's parameters are DTensors; `save_pretrained` on them fails, their gathered state dict saves.)"""
     plugin = acc.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
+    if (plugin is not None and plugin.zero_stage == 3) or acc.distributed_type == DistributedType.FSDP:
         full = acc.get_state_dict(train_model)
         return {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
     return None
@@ -537,8 +539,10 @@ def cost_figures(cfg, launch: Launch, trainable: Trainable, state: TrainState, s
     device_hours = wall * world / 3600
     tokens_per_second = state.tokens_seen / state.train_seconds if state.train_seconds else None
     flops = launch.method.flops_per_token(trainable.n_total, trainable.n_trainable)
-    peak = cfg.peak_tflops * 1e12 or peak_flops(launch.device, launch.dtype)
-    mfu = flops * tokens_per_second / world / peak if peak and tokens_per_second else None
+    # Full fine-tuning keeps fp32 weights and computes in bf16 under mixed precision: the peak is bf16's.
+    compute = torch.bfloat16 if acc.mixed_precision == "bf16" else launch.dtype
+    peak = cfg.peak_tflops * 1e12 or peak_flops(launch.device, compute)
+    mfu = model_flops_utilisation(flops, tokens_per_second / world if tokens_per_second else None, peak)
     from arxiv_ft.modeling import parameter_bytes
 
     return {

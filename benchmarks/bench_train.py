@@ -275,7 +275,10 @@ def run_variant(args, method: str, impl: str, save_dir: str | None = None) -> di
             times, tokens, out["losses"] = time_steps(setup, n_steps, device)
         out["peak_memory_bytes"] = peak_memory_bytes(device)
         if not impl.startswith("trl") and save_dir:
-            out["saved"] = save_trained(cfg, launch, task, trainable, setup, batch, save_dir, loss_initial)
+            try:  # a failed save keeps the measurements above
+                out["saved"] = save_trained(cfg, launch, task, trainable, setup, batch, save_dir, loss_initial)
+            except Exception as exc:
+                out["saved"] = {"error": failure(exc), "traceback": traceback.format_exc()[-4000:]}
     finally:
         acc.free_memory()  # the prepared model and optimizer, before the next variant of this process
     timed, timed_tokens = times[args.warmup :], sum(tokens[args.warmup :])
@@ -287,7 +290,9 @@ def run_variant(args, method: str, impl: str, save_dir: str | None = None) -> di
     out.update(timed_tokens=timed_tokens, tokens_per_s=tokens_per_s, flops_per_token=flops)
     out.update(achieved_tflops=flops * tokens_per_s / 1e12, peak_flops=peak)
     out["mfu"] = flops * tokens_per_s / (peak * acc.num_processes) if peak else None
-    out.update(status="ok", wall_s=time.perf_counter() - began)  # set-up and saving included
+    save_error = out.get("saved", {}).get("error")
+    out["status"] = f"failed: the consolidated save: {save_error}" if save_error else "ok"
+    out["wall_s"] = time.perf_counter() - began  # set-up and saving included
     return out
 
 
@@ -296,8 +301,11 @@ def child(payload: str) -> None:
     spec = json.loads(payload)
     args = argparse.Namespace(**spec["args"])
     for method, impl, launch in spec["variants"]:
+        # What an earlier variant of this process left allocated (it would inflate this one's peak): should be ~0.
+        leftover = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
         try:
             result = run_variant(args, method, impl, spec.get("save_dir"))
+            result["cuda_allocated_before_bytes"] = leftover
         except (Exception, SystemExit) as exc:  # IncompatibleLaunch is a SystemExit
             result = {"method": method, "impl": impl, "launch": launch, "status": f"failed: {failure(exc)}"}
             result["traceback"] = traceback.format_exc()[-4000:]
@@ -435,7 +443,7 @@ def run_all(args, variants, deadline: common.Deadline, workdir: Path, min_group_
             if r is None:
                 why = lost(code, stderr, time.time() - started)
                 r = {"method": method, "impl": impl, "launch": lc, "status": why, "stderr": stderr[-4000:]}
-            elif r["status"] == "ok" and "saved" in r:
+            elif r["status"] == "ok" and "dir" in r.get("saved", {}):
                 try:
                     r["save_check"] = verify_saved(r["saved"])
                     if not r["save_check"]["ok"]:
@@ -476,13 +484,13 @@ def report(args, results: list[dict], machine: dict) -> None:
     header.append("status")
     rows = []
     for r in results:
-        if r.get("status") != "ok":
+        if "tokens_per_s" not in r:  # not measured (a launch whose save failed was)
             rows.append([r["method"], r["impl"], r["launch"], "—", "—", "—", "—", "—", "—", r["status"]])
             continue
         mfu = r["mfu"] and 100 * r["mfu"]
         row = [r["method"], r["impl"], r["launch"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s_median']:.3f}"]
         row += [f"{r['peak_memory_bytes'] / 2**20:,.0f}", f"{r['achieved_tflops']:.3f}", common.fmt(mfu, ".1f%")]
-        row += [common.fmt(r.get("speedup_vs_hf"), ".2fx"), "ok"]
+        row += [common.fmt(r.get("speedup_vs_hf"), ".2fx"), r["status"]]
         rows.append(row)
     print(f"\nmodel {common.describe_model(args)}, batch {args.batch_size}, max_seq_tokens {args.max_seq_tokens}, "
           f"{machine['device']}\n")  # fmt: skip

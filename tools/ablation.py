@@ -29,7 +29,6 @@ RUNS = [
     ("const", "constant schedule after warm-up", ["--lr-schedule", "constant"], OLD),
     ("minlr", "cosine to 10% instead of 0", ["--min-lr-ratio", "0.1"], NEW),
     ("paper192", "192 tokens for the paper alone (system turn not counted)", ["--token-budget", "paper"], NEW),
-    ("seq320", "320 tokens in all", ["--max-seq-tokens", "320"], OLD),
     ("r64", "LoRA rank 64, alpha 128", ["--lora-rank", "64", "--lora-alpha", "128"], OLD),
     ("rslora", "rank-stabilised LoRA", ["--lora-rslora", "true"], NEW),
     ("attn", "LoRA on attention only (q,k,v,o)", ["--lora-targets", "q_proj,k_proj,v_proj,o_proj"], OLD),
@@ -45,7 +44,8 @@ def commands(seeds=(0, 1)) -> list[str]:
     out = []
     for name, _, flags, commit in RUNS:
         for seed in seeds:
-            argv = ["python", "train.py", *BASE, *flags, "--seed", str(seed), "--output-dir", f"runs/ablation/{name}-s{seed}"]
+            out_dir = f"runs/ablation/{name}-s{seed}"
+            argv = ["python", "train.py", *BASE, *flags, "--seed", str(seed), "--output-dir", out_dir]
             out.append(f"# at {commit}\n" + " ".join(argv))
     return out
 

@@ -8,6 +8,7 @@ from each paper's cache, never one full forward pass per label.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -95,12 +96,15 @@ class HeadScorer(LabelScorer):
 
 
 def parse_generated(text: str, labels: list[str]) -> str | None:
-    """The label a free-form answer names: an exact match, else the first label mentioned, else None."""
-    answer = text.strip()
-    if answer in labels:
-        return answer
-    hits = [(answer.find(label), -len(label), label) for label in labels if label in answer]
-    return min(hits)[2] if hits else None
+    """The label a free-form answer names: the first whole label in it, case-insensitive, else None.
+
+    Whole means not inside a longer word: `cs.LGX` names no label (a substring match read it as cs.LG), `CS.lg`
+    names cs.LG, and a label may end a sentence ("... is cs.CV.").
+    """
+    by_lower = {label.lower(): label for label in labels}
+    choices = "|".join(re.escape(label) for label in sorted(labels, key=len, reverse=True))
+    found = re.search(rf"(?<![\w.])({choices})(?!\w)", text, flags=re.IGNORECASE)
+    return by_lower[found.group(1).lower()] if found else None
 
 
 @torch.no_grad()

@@ -89,3 +89,5 @@ def test_parse_generated():
     assert parse_generated(" cs.LG\n", labels) == "cs.LG"
     assert parse_generated("The category is cs.CL, maybe cs.AI", labels) == "cs.CL"
     assert parse_generated("machine learning", labels) is None
+    assert parse_generated("cs.LGX", labels) is None and parse_generated("xcs.LG", labels) is None  # not substrings
+    assert parse_generated("CS.lg", labels) == "cs.LG" and parse_generated("It is cs.CL.", labels) == "cs.CL"

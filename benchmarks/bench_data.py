@@ -1,7 +1,8 @@
 """Reading and tokenising a large training file: Python lists in every process (before) vs `datasets` + a cached
 Arrow file (now), time and peak memory per process.
 
-    python benchmarks/bench_data.py --input '../shared/data/arxiv/dump/*.jsonl.gz' --out results/data-cpu.json
+    python benchmarks/bench_data.py --input '../shared/data/arxiv/dump/*.jsonl.gz' \\
+        --out benchmarks/results/data-cpu.json
 
 Each variant runs in a fresh process (peak RSS is per process): `lists` reads the records and tokenises them into
 Python lists, as every process of every start did before; `datasets-cold` reads with `datasets` and tokenises with

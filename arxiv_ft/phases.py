@@ -88,8 +88,8 @@ class Launch:
         return self.accelerator.is_main_process
 
     def log(self, message: str) -> None:
-        """An INFO line from the main process only."""
-        if self.accelerator.is_main_process:
+        """An INFO line from each machine's main process (every node's log shows its progress)."""
+        if self.accelerator.is_local_main_process:
             logger.info(message)
 
 

@@ -28,15 +28,16 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
     With `handle_signals`, SIGTERM/SIGUSR1 make every process finish its step, save a checkpoint and raise
     `arxiv_ft.fit.Stopped` (the command line turns it into exit status 75); rerunning resumes.
     """
-    # Heavy libraries load here, after the command line is parsed: `--help` and a bad option answer at once.
-    from arxiv_ft import phases as ph
     from arxiv_ft.checkpoints import GracefulStop
-    from arxiv_ft.fit import Stopped, fit
-    from arxiv_ft.options import every_steps
 
     started = time.perf_counter()
     stopper = GracefulStop(install=handle_signals)  # first: a stop signal during start-up must not be lost
-    launch = None
+    # Heavy libraries load here, after the command line is parsed: `--help` and a bad option answer at once.
+    from arxiv_ft import phases as ph
+    from arxiv_ft.fit import Stopped, fit
+    from arxiv_ft.options import every_steps
+
+    launch = lock = None
     try:
         launch = ph.start(cfg)
         lock = ph.claim_output(cfg, launch)
@@ -55,6 +56,9 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
         def stop_requested() -> bool:
             return stopper.should_stop(launch.accelerator)
 
+        def stop_if_asked() -> None:  # after training too: a stop signal is honoured, never swallowed
+            ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+
         state = fit(
             setup,
             state,
@@ -69,23 +73,24 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
         )
         if cfg.checkpoint_every_steps:  # so a crash in what follows loses no training
             ph.ensure_checkpoint(cfg, launch, task, trainable, setup, state, before)
-        ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+        stop_if_asked()
         after = ph.run_evaluation(cfg, launch, task, trainable, "fine-tuned")
-        ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+        stop_if_asked()
         forgetting = ph.probe_tuned(cfg, launch, task, trainable, probes_base)
-        ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+        stop_if_asked()
         metrics = ph.collect_metrics(cfg, launch, task, trainable, state, before, after, tfidf, forgetting, started)
         ph.save_run(cfg, launch, task, trainable, setup, metrics)
         ph.write_ledger(cfg, launch, task, metrics)
         ph.finish(cfg, launch, metrics)
-        lock.release()
         return metrics
-    except Stopped:
+    except Stopped as stop:
         if launch is not None:
-            launch.log("stopped by a signal; a checkpoint was saved: rerun the same command to resume")
+            launch.log(f"stopped by signal after step {stop.step}; checkpoint saved; the same command resumes")
         raise
     finally:
         stopper.restore()
+        if lock is not None:
+            lock.release()
         if launch is not None:
             launch.accelerator.end_training()
 

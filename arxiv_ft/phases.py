@@ -11,18 +11,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 
 from arxiv_ft import checkpoints as ckpt
 from arxiv_ft import records as rec
+from arxiv_ft.baseline import fit_and_score
+from arxiv_ft.card import model_card, push_run
 from arxiv_ft.classifier import Classifier, evaluate
 from arxiv_ft.config import to_dict
 from arxiv_ft.data import (
@@ -32,16 +36,32 @@ from arxiv_ft.data import (
     collate_left_padded,
     collate_packed,
     collate_prompts,
+    tokenize_dataset,
 )
 from arxiv_ft.fileio import FolderLock, fsync_dir, fsync_tree, read_json, write_json
-from arxiv_ft.fit import Setup, TrainState, lr_schedule
+from arxiv_ft.fit import Setup, Stopped, TrainState, lr_schedule
+from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, forgetting_delta, run_probes
+from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
 from arxiv_ft.loss import AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree
+from arxiv_ft.merge import merge_run
 from arxiv_ft.methods import Method, get_method
 from arxiv_ft.metrics import format_report, model_flops_utilisation, peak_flops, peak_memory_bytes
-from arxiv_ft.modeling import ModelSource, count_parameters, load_tokenizer, resolve_dtype, set_cpu_threads
+from arxiv_ft.modeling import (
+    ModelSource,
+    cache_dir,
+    count_parameters,
+    estimate_memory,
+    load_tokenizer,
+    model_config,
+    parameter_bytes,
+    resolve_dtype,
+    set_cpu_threads,
+)
 from arxiv_ft.options import TrainConfig
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
+from arxiv_ft.sources import SourceError, to_records
+from arxiv_ft.sources import load_task as load_papers
 
 logger = logging.getLogger("arxiv_ft")
 
@@ -175,11 +195,6 @@ class Task:
 
 def load_task(cfg: TrainConfig, launch: Launch) -> Task:
     """Labels first, so an unknown label in the data fails before any model is loaded; then tokenise (cached)."""
-    from arxiv_ft.data import tokenize_dataset
-    from arxiv_ft.modeling import cache_dir
-    from arxiv_ft.sources import SourceError
-    from arxiv_ft.sources import load_task as load_papers
-
     try:
         labels, train, evals = load_papers(cfg)
     except (SourceError, rec.RecordError, ValueError) as exc:
@@ -218,8 +233,6 @@ def pinned_chat_date(cfg: TrainConfig, launch: Launch) -> str:
             return saved
     day = [chat_date_string()]
     if launch.accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(day)
     return day[0]
 
@@ -267,7 +280,6 @@ def log_memory_estimate(cfg: TrainConfig, launch: Launch, task: Task) -> None:
     """Before the base loads (main process): what its weights, gradients, AdamW states and adapters will take."""
     if not launch.is_main:
         return
-    from arxiv_ft.modeling import estimate_memory, model_config
 
     try:
         config = model_config(task.source, cfg.trust_remote_code)
@@ -543,7 +555,6 @@ def cost_figures(cfg, launch: Launch, trainable: Trainable, state: TrainState, s
     compute = torch.bfloat16 if acc.mixed_precision == "bf16" else launch.dtype
     peak = cfg.peak_tflops * 1e12 or peak_flops(launch.device, compute)
     mfu = model_flops_utilisation(flops, tokens_per_second / world if tokens_per_second else None, peak)
-    from arxiv_ft.modeling import parameter_bytes
 
     return {
         "wall_seconds": wall,
@@ -573,8 +584,6 @@ def ensure_checkpoint(cfg, launch, task, trainable, setup, state: TrainState, be
 
 def stop_if_asked(should_stop, cfg, launch, task, trainable, setup, state: TrainState, before) -> None:
     """Between the phases after training: a stop signal saves (if needed) and stops, instead of being swallowed."""
-    from arxiv_ft.fit import Stopped
-
     if should_stop():
         ensure_checkpoint(cfg, launch, task, trainable, setup, state, before)
         raise Stopped(state.step)
@@ -604,8 +613,6 @@ class _NoLock:
 def claim_output(cfg: TrainConfig, launch: Launch):
     """Lock the output folder for this run and refuse to mix runs in it (see RunDir.prepare); every process stops
     alike when the main one refuses."""
-    from accelerate.utils import broadcast_object_list
-
     problem, lock = [None], _NoLock()
     if launch.is_main:
         try:
@@ -625,7 +632,6 @@ def claim_output(cfg: TrainConfig, launch: Launch):
 
 
 def probe_config(cfg: TrainConfig):
-    from arxiv_ft.forgetting import ProbeConfig
 
     return ProbeConfig(n_windows=cfg.probe_windows, mc_items=cfg.probe_mc_items, kl=cfg.probe_kl)
 
@@ -637,8 +643,6 @@ def probe_base(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainabl
     """
     if not cfg.probes:
         return None
-    from arxiv_ft.forgetting import base_probes_cached
-    from arxiv_ft.modeling import cache_dir
 
     key = {"dtype": str(launch.dtype), "device": launch.device.type, "quantized": launch.method.quantized}
     if launch.method.quantized:  # the base is probed through the kernel training uses (see prepare_for_kbit)
@@ -653,7 +657,6 @@ def probe_tuned(cfg, launch: Launch, task: Task, trainable: Trainable, base: dic
     """The tuned model's probes and the difference from the base."""
     if not cfg.probes:
         return None
-    from arxiv_ft.forgetting import forgetting_delta, run_probes
 
     tuned = run_probes(launch.accelerator.unwrap_model(trainable.model), task.tokenizer, probe_config(cfg))
     delta = forgetting_delta(base, tuned)
@@ -672,8 +675,6 @@ def tfidf_rows(cfg: TrainConfig, launch: Launch, task: Task) -> dict | None:
     abstract: the bar the fine-tune must clear, measured in the run itself (a few seconds)."""
     if not cfg.tfidf_baseline:
         return None
-    from arxiv_ft.baseline import fit_and_score
-    from arxiv_ft.sources import to_records
 
     train = to_records(task.train)
     seen = {r.id: task.builder.visible_text(r) for r in train + task.eval_records}
@@ -733,7 +734,6 @@ def save_run(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup
         run.write_tokenizer(task.tokenizer)
         metrics["cost"]["saved_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         run.write_metrics(metrics)
-        from arxiv_ft.card import model_card
 
         run.write_card(model_card(cfg, task, metrics, run.base_record(), command=sys_argv()))
         if "score" in (metrics["after"] or {}):
@@ -742,8 +742,6 @@ def save_run(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup
 
 
 def sys_argv() -> str:
-    import shlex
-    import sys
 
     return " ".join(shlex.quote(a) for a in sys.argv)
 
@@ -752,7 +750,6 @@ def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
     """The typed record of the run, written last: a folder with ledger.json holds a finished run."""
     if not launch.is_main:
         return
-    from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
 
     cost = dict(metrics["cost"])
     for key in ("flops_per_token", "parameter_bytes"):
@@ -801,11 +798,7 @@ def finish(cfg: TrainConfig, launch: Launch, metrics: dict) -> None:
     launch.accelerator.log(figures, step=metrics["train"]["steps"])
     if launch.is_main:
         if cfg.merge and launch.method.adapter:
-            from arxiv_ft.merge import merge_run
-
             launch.log(f"merged model saved to {merge_run(out, out / 'merged')}")
         if cfg.push_to_hub:
-            from arxiv_ft.card import push_run
-
             launch.log(f"uploaded {out} to {push_run(out, cfg.push_to_hub)}")
         launch.log(f"saved to {out}")

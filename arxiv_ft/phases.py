@@ -353,6 +353,38 @@ def schedule(cfg: TrainConfig, optimizer, total_steps: int, step: int = 0):
 # ---------------------------------------------------------------------------------------------------- evaluate
 
 
+def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> dict:
+    """The base model's scores on the evaluation papers, computed once per base model, papers, prompt and numerics
+    and then read from the cache (like the base probes): every run of a comparison shares its zero-shot row."""
+    import hashlib
+    import json
+
+    papers = hashlib.sha256(json.dumps([r.to_json() for r in task.eval_records]).encode()).hexdigest()
+    key = {
+        "version": 1,
+        "base": {k: task.source.record()[k] for k in ("name", "hub_id", "revision", "fingerprint")},
+        "papers": papers,
+        "labels": task.labels,
+        "prompt": task.prompt.to_json(),
+        "mode": cfg.eval_mode,
+        "numerics": [str(launch.dtype), launch.device.type, launch.method.quantized],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir() / "zero-shot" / f"{digest}.json"
+    if path.is_file():
+        cached = read_json(path)
+        if cached.get("key") == key:
+            score = cached["result"].get("score") or cached["result"].get("generate")
+            launch.log(
+                f"[zero-shot] accuracy {score['accuracy']:.4f} macro-F1 {score['macro_f1']:.4f} (cached: {path})"
+            )
+            return cached["result"]
+    result = run_evaluation(cfg, launch, task, trainable, "zero-shot")
+    if launch.is_main:
+        write_json(path, {"key": key, "result": result})
+    return result
+
+
 def run_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable, name: str) -> dict:
     """Score the evaluation papers with the model as it is now; log accuracy and macro-F1; return the metrics."""
     acc = launch.accelerator

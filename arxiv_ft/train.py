@@ -47,7 +47,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
         state, before = ph.resume(cfg, launch, setup, trainable)
         probes_base = ph.probe_base(cfg, launch, task, trainable)
         if before is None and cfg.eval_before:
-            before = ph.run_evaluation(cfg, launch, task, trainable, "zero-shot")
+            before = ph.zero_shot_evaluation(cfg, launch, task, trainable)
         tfidf = ph.tfidf_rows(cfg, launch, task)
 
         def checkpoint(state):

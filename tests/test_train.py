@@ -217,3 +217,20 @@ def test_accelerate_launch_of_the_module_and_the_installed_command(tiny_model_di
     subprocess.run([str(command), "train", *args, "--output-dir", str(tmp_path / "b")], check=True, capture_output=True)
     curves = [json.loads((tmp_path / n / "metrics.json").read_text())["train"]["loss_curve"] for n in ("a", "b")]
     assert curves[0] == pytest.approx(curves[1], rel=1e-5) and len(curves[0]) == 2
+
+
+def test_the_zero_shot_evaluation_is_computed_once_per_base_model_papers_and_prompt(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from arxiv_ft import phases
+
+    monkeypatch.setenv("ARXIV_FT_CACHE", str(tmp_path / "cache"))
+    calls = []
+    original = phases.run_evaluation
+    monkeypatch.setattr(phases, "run_evaluation", lambda *a: calls.append(a[-1]) or original(*a))
+    common = ["--model", tiny_model_dir, "--max-steps", "1", *FAST, "--probes", "false"]
+    first = run([*common, "--output-dir", str(tmp_path / "a")])
+    second = run([*common, "--output-dir", str(tmp_path / "b"), "--seed", "1"])
+    assert calls == ["zero-shot", "fine-tuned", "fine-tuned"] and first["before"] == second["before"]
+    run([*common, "--output-dir", str(tmp_path / "c"), "--max-seq-tokens", "150"])  # another prompt: recomputed
+    assert calls[-2:] == ["zero-shot", "fine-tuned"]

@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from arxiv_ft.options import InferConfig
+from arxiv_ft.options import InferConfig, TrainConfig
 
 logger = logging.getLogger("arxiv_ft")
-DEFAULT_MAX_SEQ_TOKENS = 192  # train's default budget, for zero-shot runs
 
 
 def infer(cfg: InferConfig) -> dict:
@@ -143,10 +142,11 @@ def resolve_task(cfg: InferConfig) -> dict:
             raise SystemExit("--labels top:K needs a training file; give a label file or comma-separated labels")
         try:
             labels = rec.label_set(cfg.labels, "")
+            train = TrainConfig.__dataclass_fields__  # zero-shot prompts default to train's
             spec = PromptSpec(
-                cfg.template or PromptSpec.template,
-                cfg.max_seq_tokens or DEFAULT_MAX_SEQ_TOKENS,
-                cfg.token_budget or PromptSpec.token_budget,
+                cfg.template or train["template"].default,
+                cfg.max_seq_tokens or train["max_seq_tokens"].default,
+                cfg.token_budget or train["token_budget"].default,
                 chat_kwargs={"date_string": zero_shot_date(cfg)},
             )
             get_template(spec.template)

@@ -92,12 +92,9 @@ class LoRA(Method):
         from peft import LoraConfig, get_peft_model
 
         n_layers = model.config.num_hidden_layers
-        layers = None
-        if cfg.lora_layers:
-            if not 0 < cfg.lora_layers <= n_layers:
-                raise ValueError(f"--lora-layers {cfg.lora_layers}: the model has {n_layers} decoder layers")
-            # Only the top layers adapt: nothing below them needs a gradient, so backward stops there.
-            layers = list(range(n_layers - cfg.lora_layers, n_layers))
+        top = adapted_layers(cfg.lora_layers, n_layers)
+        # Only the top layers adapt: nothing below them needs a gradient, so backward stops there.
+        layers = list(range(n_layers - top, n_layers)) if top < n_layers else None
         config = LoraConfig(
             r=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
@@ -195,6 +192,14 @@ class DoRA(LoRA):
     name: str = "dora"
     summary: str = "DoRA: LoRA direction + trained magnitude, on a frozen base"
     dora: bool = True
+
+
+def adapted_layers(lora_layers: float, n_layers: int) -> int:
+    """How many top decoder layers LoRA adapts: a fraction of them (< 1), a count (>= 1), or all (0)."""
+    if lora_layers <= 0:
+        return n_layers
+    count = max(1, round(lora_layers * n_layers)) if lora_layers < 1 else int(lora_layers)
+    return min(count, n_layers)
 
 
 def _quant_storage(folder: Path) -> str:

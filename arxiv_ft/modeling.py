@@ -504,7 +504,7 @@ def estimate_memory(
     dtype: torch.dtype,
     lora_rank: int = 16,
     lora_targets=LLAMA_LINEAR_MODULES,
-    lora_layers: int = 0,
+    lora_layers: float = 0,
 ) -> MemoryEstimate:
     """Weights, gradients, AdamW states and adapters of training `config` with `method` (a methods.Method) in `dtype`.
 
@@ -516,8 +516,10 @@ def estimate_memory(
     """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    from arxiv_ft.methods import adapted_layers
+
     n_layers = config.num_hidden_layers
-    layers = range(n_layers - lora_layers, n_layers) if lora_layers else range(n_layers)
+    layers = range(n_layers - adapted_layers(lora_layers, n_layers), n_layers)
     n_params = sum(p.numel() for p in model.parameters())
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _layer_of(n) is not None}
     adapted = [m for n, m in linears.items() if n.rsplit(".", 1)[-1] in lora_targets and _layer_of(n) in layers]

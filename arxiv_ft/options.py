@@ -74,7 +74,9 @@ class TrainConfig:
     lora_rslora: bool = option(
         False, "rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r", aliases=("use_rslora",)
     )
-    lora_layers: int = option(0, "adapt only the last N decoder layers (0 = all); backward then stops below them")
+    lora_layers: float = option(
+        0.5, "adapt only the top layers: this fraction of them (< 1) or this many (>= 1); 0 = all. Backward stops there"
+    )
     bnb_quant_storage: str = option(
         "uint8", "QLoRA: dtype storing packed 4-bit weights (bf16 for ZeRO-3/FSDP)", ("uint8", "bf16", "fp16", "fp32")
     )
@@ -96,12 +98,12 @@ class TrainConfig:
     eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
     template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)", tuple(TEMPLATES))
     max_seq_tokens: int = option(
-        192,
-        "prompt + answer token budget; the abstract is shortened to fit",
+        80,
+        "token budget (what --token-budget counts) of prompt + answer; the abstract is shortened to fit",
         aliases=("max_length", "max_seq_length"),
     )
     token_budget: str = option(
-        "total", "what max_seq_tokens counts: every token, or the paper's (after the shared system turn)", BUDGETS
+        "paper", "what max_seq_tokens counts: the paper's tokens (after the shared system turn), or all", BUDGETS
     )
     chat_template: str = option("", "chat template for tokenizers without one: a file, or a name in arxiv_ft/chat")
     system_role: str = option(
@@ -118,11 +120,11 @@ class TrainConfig:
         OBJECTIVES,
     )
     decision_weight: float = option(4.0, "decision-weighted: weight of the token(s) that decide the label")
-    epochs: float = option(1.0, "passes over the training data (fractions allowed)", aliases=("num_train_epochs",))
+    epochs: float = option(2.0, "passes over the training data (fractions allowed)", aliases=("num_train_epochs",))
     max_steps: int = option(0, "optimizer steps; overrides epochs when > 0")
     batch_size: int = option(8, "examples per micro-batch per process", aliases=("per_device_train_batch_size",))
     grad_accum_steps: int = option(1, "micro-batches per optimizer step", aliases=("gradient_accumulation_steps",))
-    lr: float = option(4e-4, "peak learning rate (LoRA ~10x full fine-tuning)", aliases=("learning_rate",))
+    lr: float = option(2e-3, "peak learning rate (LoRA ~10x full fine-tuning)", aliases=("learning_rate",))
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_ratio: float = option(0.1, "fraction of steps for linear warm-up (it starts above 0)")
     lr_schedule: str = option("cosine", "decay after warm-up", SCHEDULES, aliases=("lr_scheduler_type",))
@@ -227,8 +229,8 @@ class InferConfig:
     )
     labels: str = option("", "with --model: label file or comma-separated labels")
     template: str = option("", f"with --model: prompt template id (empty = {DEFAULT_TEMPLATE})")
-    max_seq_tokens: int = option(0, "with --model: token budget (0 = train's default, 192)")
-    token_budget: str = option("", "with --model: what the budget counts (empty = total)")
+    max_seq_tokens: int = option(0, "with --model: token budget (0 = train's default)")
+    token_budget: str = option("", "with --model: what the budget counts (empty = train's default)")
     chat_date: str = option(
         "", "with --model: the date chat templates print (empty = today; a resumed output keeps its own)"
     )

@@ -280,7 +280,13 @@ def log_memory_estimate(cfg: TrainConfig, launch: Launch, task: Task) -> None:
     """Before the base loads (main process): what its weights, gradients, AdamW states and adapters will take."""
     if not launch.is_main:
         return
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
+    if is_deepspeed_zero3_enabled():
+        # Building even a meta model under ZeRO-3 enters deepspeed.zero.Init, whose collectives the other processes
+        # never join; and the estimate is of one unsharded copy, which ZeRO-3 is there to avoid.
+        launch.log("memory estimate: not made under ZeRO-3 (weights, gradients and AdamW states are sharded)")
+        return
     try:
         config = model_config(task.source, cfg.trust_remote_code)
         if config is None:

@@ -26,7 +26,7 @@ from arxiv_ft import infer
 from arxiv_ft import records as rec
 from arxiv_ft.data import PromptBuilder
 from arxiv_ft.modeling import load_tokenizer
-from arxiv_ft.prompts import get_template
+from arxiv_ft.rundir import RunDir
 from arxiv_ft.scoring import LabelScorer
 from arxiv_ft.shards import ShardedOutput, read_part
 from tests.conftest import ASSETS, ROOT, load_trained, run_train
@@ -271,7 +271,7 @@ def test_model_dir_reproduces_labels_template_and_scores(tmp_path, trained_dir, 
     assert (saved["template"], saved["max_seq_tokens"]) == ("arxiv-v1", 200)
     # What train.py's own evaluation path computes from the same folder.
     tokenizer = load_tokenizer(str(trained_dir))
-    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), saved["labels"], 200)
+    builder = PromptBuilder.from_spec(tokenizer, RunDir(trained_dir).prompt(), saved["labels"])
     scorer = LabelScorer(load_trained(trained_dir), builder, tokenizer.pad_token_id)
     records = list(rec.read_records(papers))
     probs = torch.softmax(scorer.score_prompts([builder.prompt_ids(r) for r in records]), -1)

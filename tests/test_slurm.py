@@ -198,7 +198,8 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, reference, tiny_
     assert 3 <= stop_step < STEPS  # mid-training
     assert "requeueing job" in text and "SLURM_RESTART_COUNT=1" in text
     assert f"/checkpoints/step-{stop_step:08d} at step {stop_step}/{STEPS}" in text  # "resumed from ..."
-    assert complete_checkpoints(out)[-1].name == f"step-{stop_step:08d}"
+    # The run checkpoints every 10% and once more when training ends, whatever follows.
+    assert complete_checkpoints(out)[-1].name == f"step-{STEPS:08d}"
 
     got = json.loads((out / "metrics.json").read_text())
     assert got["train"]["steps"] == STEPS and len(got["train"]["loss_curve"]) == STEPS  # no step lost or repeated

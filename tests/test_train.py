@@ -16,7 +16,9 @@ from arxiv_ft.modeling import load_model, load_tokenizer
 from arxiv_ft.options import TrainConfig
 from tests.conftest import ASSETS, ROOT, capture_trained_model, load_trained, run_predictions, run_train
 
-FAST = [
+FAST = [  # one epoch (the default is 2) so the step counts below are those of the tiny split
+    "--epochs",
+    "1",
     "--train-per-class",
     "2",
     "--eval-per-class",

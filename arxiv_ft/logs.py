@@ -45,6 +45,8 @@ def setup_logging(level: str | None = None) -> None:
             "ignore", category=category, module=r"(transformers|peft|accelerate|torch|bitsandbytes)"
         )
     warnings.filterwarnings("ignore", message=r".*(past_key_values|is_gradient_checkpointing|use_cache=True).*")
+    # bitsandbytes announces on import that an optional CPU kernel package is missing: advice for its developers.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

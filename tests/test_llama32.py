@@ -523,7 +523,8 @@ def test_llama32_1b_trains_end_to_end_on_a_depth_reduced_copy(
     fast = [*FAST, *three_labels, "--batch-size", "3", "--max-steps", "1", "--max-seq-tokens", "32"]
     metrics = run_train(["--model", LLAMA_1B, "--output-dir", str(out), *fast])
     assert [(name, dtype) for name, dtype, _ in loaded] == [(LLAMA_1B, torch.float32)]
-    line = f"memory estimate for {LLAMA_1B} (lora, torch.float32): 1,235,814,400 parameters, 5,636,096 trainable"  # LoRA on the top 8 of 16 layers
+    # LoRA on the top 8 of the 16 layers (the default --lora-layers 0.5)
+    line = f"memory estimate for {LLAMA_1B} (lora, torch.float32): 1,235,814,400 parameters, 5,636,096 trainable"
     assert any(r.getMessage().startswith(line) for r in caplog.records[: loaded[0][2]])  # logged before the load
     # The estimate's counts, for the reduced config, are what the run measured.
     estimate = estimate_memory(reduced, get_method("lora"), torch.float32)

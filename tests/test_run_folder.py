@@ -16,28 +16,9 @@ from safetensors.torch import load_file
 from arxiv_ft import Classifier
 from arxiv_ft.checkpoints import complete_checkpoints
 from arxiv_ft.rundir import RunDir
-from tests.conftest import ASSETS, run_train
+from tests.conftest import ASSETS, FAST_TRAIN, run_train
 
-FAST = [  # one epoch (the default is 2) so the step counts below are those of the tiny split
-    "--epochs",
-    "1",
-    "--train-per-class",
-    "2",
-    "--eval-per-class",
-    "1",
-    "--batch-size",
-    "6",
-    "--max-seq-tokens",
-    "160",
-    "--log-every-steps",
-    "100",
-    "--eval-batch-size",
-    "21",
-    "--probes",
-    "false",
-    "--lr",
-    "1e-2",
-]
+FAST = [*FAST_TRAIN, "--probes", "false", "--lr", "1e-2"]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +190,10 @@ def test_merged_folder_answers_with_the_same_labels_in_plain_transformers(lora_r
     want = generate_labels(adapter.model, adapter.tokenizer, adapter.builder, records, 6)
     got = generate_labels(plain, tokenizer, builder, records, 6)
     assert [g[0] for g in got] == [w[0] for w in want]  # the same text, token for token
-    merged_preds, adapter_preds = Classifier.from_pretrained(merged, device="cpu").predict(records), adapter.predict(records)
+    merged_preds, adapter_preds = (
+        Classifier.from_pretrained(merged, device="cpu").predict(records),
+        adapter.predict(records),
+    )
     # Merging W + BA in fp32 changes the last bits: the same labels, probabilities to 1e-4.
     assert [(p["label"], [lab for lab, _ in p["top_k"]]) for p in merged_preds] == [
         (p["label"], [lab for lab, _ in p["top_k"]]) for p in adapter_preds

@@ -14,24 +14,9 @@ from safetensors.torch import load_file
 from arxiv_ft import config as cfglib
 from arxiv_ft.modeling import load_model, load_tokenizer
 from arxiv_ft.options import TrainConfig
-from tests.conftest import ASSETS, ROOT, capture_trained_model, load_trained, run_predictions, run_train
+from tests.conftest import ASSETS, FAST_TRAIN, ROOT, capture_trained_model, load_trained, run_predictions, run_train
 
-FAST = [  # one epoch (the default is 2) so the step counts below are those of the tiny split
-    "--epochs",
-    "1",
-    "--train-per-class",
-    "2",
-    "--eval-per-class",
-    "1",
-    "--batch-size",
-    "6",
-    "--max-seq-tokens",
-    "160",
-    "--log-every-steps",
-    "100",
-    "--eval-batch-size",
-    "21",
-]
+FAST = FAST_TRAIN
 
 
 def run(argv):

@@ -40,6 +40,78 @@ RUNS = [
 ]
 
 
+# Combinations, scored on the 420 validation papers (20 a class) for a finer reading: name, what, flags, commit.
+# Runs first scored on 210 papers were rescored on 420 by `infer.py --model-dir` (RUNS_DIR/eval420-<name>-s<seed>).
+COMBOS = [
+    ("lr2e-3", "lr 2e-3 (the best single change)", ["--lr", "2e-3"], OLD),
+    ("c1", "lr 2e-3 + 192 paper tokens", ["--lr", "2e-3", "--token-budget", "paper"], NEW),
+    ("c4", "lr 2e-3 + label-softmax", ["--lr", "2e-3", "--objective", "label-softmax"], NEW),
+    (
+        "c6",
+        "lr 2e-3 + 128 paper tokens + LoRA on the top 15 layers",
+        ["--lr", "2e-3", "--token-budget", "paper", "--max-seq-tokens", "128", "--lora-layers", "15"],
+        NEW,
+    ),
+    (
+        "c5",
+        "c6 + label-softmax",
+        [
+            "--lr",
+            "2e-3",
+            "--token-budget",
+            "paper",
+            "--max-seq-tokens",
+            "128",
+            "--lora-layers",
+            "15",
+            "--objective",
+            "label-softmax",
+        ],
+        NEW,
+    ),
+    (
+        "c7",
+        "c6 + classification head",
+        [
+            "--lr",
+            "2e-3",
+            "--token-budget",
+            "paper",
+            "--max-seq-tokens",
+            "128",
+            "--lora-layers",
+            "15",
+            "--objective",
+            "cls-head",
+        ],
+        NEW,
+    ),
+    (
+        "r1",
+        "lr 2e-3 + 2 epochs + LoRA on the top 15 layers (192 tokens in all: ~80 of the paper)",
+        ["--lr", "2e-3", "--epochs", "2", "--lora-layers", "15", "--eval-per-class", "20"],
+        "7cf4d31",
+    ),
+    (
+        "r3",
+        "r1 + label-softmax",
+        [
+            "--lr",
+            "2e-3",
+            "--epochs",
+            "2",
+            "--lora-layers",
+            "15",
+            "--objective",
+            "label-softmax",
+            "--eval-per-class",
+            "20",
+        ],
+        "7cf4d31",
+    ),
+]
+
+
 def commands(seeds=(0, 1)) -> list[str]:
     out = []
     for name, _, flags, commit in RUNS:
@@ -64,9 +136,46 @@ def collect(runs_dir: Path, name: str) -> list[dict]:
                 "steps": train["steps"],
                 "tokens": train["tokens_seen"],
                 "train_seconds": train["train_seconds"],
+                "n": score["n"],
             }
         )
     return found
+
+
+def collect420(runs_dir: Path, name: str) -> list[dict]:
+    """A combination's scores on the 420 papers: its own evaluation if it had them, else its rescoring."""
+    found = {r["seed"]: r for r in collect(runs_dir, name) if r["n"] == 420}
+    for path in sorted(runs_dir.glob(f"eval420-{name}-s*/preds.jsonl.summary.json")):
+        seed = int(path.parent.name.rsplit("-s", 1)[1])
+        score = json.loads(path.read_text())["metrics"]
+        train = json.loads((runs_dir / f"{name}-s{seed}/out/metrics.json").read_text())["train"]
+        found.setdefault(
+            seed,
+            {
+                "seed": seed,
+                "accuracy": score["accuracy"],
+                "macro_f1": score["macro_f1"],
+                "steps": train["steps"],
+                "tokens": train["tokens_seen"],
+                "n": score["n"],
+            },
+        )
+    return [found[s] for s in sorted(found)]
+
+
+def combo_table(runs_dir: Path, rows=COMBOS) -> str:
+    lines = [
+        "| run | change | seeds | accuracy % | macro-F1 % | steps | training tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, what, _, _ in rows:
+        found = collect420(runs_dir, name)
+        steps = found[0]["steps"] if found else "—"
+        tokens = f"{found[0]['tokens'] / 1000:.0f}k" if found else "—"
+        seeds = ", ".join(str(r["seed"]) for r in found) or "—"
+        acc, f1 = [r["accuracy"] for r in found], [r["macro_f1"] for r in found]
+        lines.append(f"| {name} | {what} | {seeds} | {_mean_sd(acc)} | {_mean_sd(f1)} | {steps} | {tokens} |")
+    return "\n".join(lines)
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -102,5 +211,7 @@ if __name__ == "__main__":
         print("\n".join(commands()))
     elif sys.argv[1:2] == ["table"] and len(sys.argv) == 3:
         print(table(Path(sys.argv[2])))
+    elif sys.argv[1:2] == ["combos"] and len(sys.argv) == 3:
+        print(combo_table(Path(sys.argv[2])))
     else:
         raise SystemExit(__doc__)

@@ -4,6 +4,9 @@ for the default LLM recipe and TF-IDF + linear SVM on the same papers, on the sa
     python tools/learning_curves.py commands                 # the train.py runs (10, 30, 100 papers a class x 2 seeds)
     python tools/learning_curves.py plot runs/curves docs/results/learning-curves
 
+The 30-a-class runs are the same recipe, papers and validation set as the comparison's LoRA runs
+(`presets/compare/lora.yaml`), so `runs/curves/n30-s<seed>` may be a link to `runs/compare/lora-seed<seed>`.
+
 Every train.py run also fits TF-IDF on its own training papers, reading the text its prompt holds and the full
 abstract, so both TF-IDF curves come from the same runs. TF-IDF on the whole 19,478-paper split (data/) is added as a
 last point; the LLM's point there needs a GPU (presets/gpu/llama-3.2-1b.yaml is the recipe for it).
@@ -144,7 +147,8 @@ def plot(runs: Path, out: Path) -> None:
         ax.set_ylabel(f"validation {name} (%), 420 papers")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Learning curves: mean ± sd over 2 seeds (the seed also draws the training papers)")
+    seeds = sorted({r["seed"] for r in rows})
+    fig.suptitle(f"Learning curves: mean ± sd over seeds {seeds} (the seed also draws the training papers)")
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)
@@ -166,8 +170,9 @@ def plot(runs: Path, out: Path) -> None:
     plt.close(fig)
     (out / "curves.json").write_text(json.dumps({"runs": rows, "tfidf_whole_split": full}, indent=2) + "\n")
     lines = [
-        "| papers a class | SmolLM2 LoRA accuracy % | macro-F1 % | TF-IDF same text acc % | TF-IDF full text acc % |",
-        "|---|---|---|---|---|",
+        "| papers a class | runs (seeds) | SmolLM2 LoRA accuracy % | macro-F1 % | TF-IDF same text acc % |"
+        " TF-IDF full text acc % |",
+        "|---|---|---|---|---|---|",
     ]
     for n in PER_CLASS:
         mine = [r for r in rows if r["per_class"] == n]
@@ -175,8 +180,9 @@ def plot(runs: Path, out: Path) -> None:
             continue
 
         cells = [_cell(mine, key, metric) for key, metric in CELLS]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines.append(f"| whole split ({full['n_train']:,}) | needs a GPU | — | — | {100 * full['accuracy']:.1f} |")
+        seeds = ", ".join(str(r["seed"]) for r in mine)
+        lines.append(f"| {n} | {seeds} | " + " | ".join(cells) + " |")
+    lines.append(f"| whole split ({full['n_train']:,}) | — | needs a GPU | — | — | {100 * full['accuracy']:.1f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -97,7 +97,8 @@ def run(cfg: BaselineConfig):
         run_id=f"{method}{'-llmtext' if cfg.text == 'llm' else ''}-n{len(train)}-s{cfg.seed}",
         method=method,
         seed=cfg.seed,
-        model=f"tfidf(1-{cfg.ngram_max})+{'LinearSVC' if cfg.classifier == 'svm' else 'LogisticRegression'}",
+        model=f"tfidf(1-{cfg.ngram_max})+{'LinearSVC' if cfg.classifier == 'svm' else 'LogisticRegression'}"
+        + (" reading the LLM's text" if cfg.text == "llm" else ""),
         config=to_dict(cfg),
         data={
             "train_file": cfg.train_file,

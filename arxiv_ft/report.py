@@ -21,7 +21,18 @@ from arxiv_ft.ledger import LEDGER_VERSION, Ledger, LedgerError, known_methods
 from arxiv_ft.options import ReportConfig
 
 # Config keys that differ between seeds of one experiment; everything else must match to be averaged together.
-_PER_RUN_KEYS = ("seed", "output_dir", "out", "run_id", "run_name", "report_to", "cpu_threads", "resume")
+# (same_text_as: the LLM run, of the same seed, whose prompts a baseline read.)
+_PER_RUN_KEYS = (
+    "seed",
+    "output_dir",
+    "out",
+    "run_id",
+    "run_name",
+    "report_to",
+    "cpu_threads",
+    "resume",
+    "same_text_as",
+)
 # Numbers averaged per group, in table order.
 _GROUP_FIELDS = (
     "acc_before",

@@ -165,16 +165,18 @@ def collect420(runs_dir: Path, name: str) -> list[dict]:
 
 def combo_table(runs_dir: Path, rows=COMBOS) -> str:
     lines = [
-        "| run | change | seeds | accuracy % | macro-F1 % | steps | training tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| run | change | ran at | seeds | accuracy % | macro-F1 % | steps | training tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, what, _, _ in rows:
+    for name, what, _, commit in rows:
         found = collect420(runs_dir, name)
         steps = found[0]["steps"] if found else "—"
         tokens = f"{found[0]['tokens'] / 1000:.0f}k" if found else "—"
         seeds = ", ".join(str(r["seed"]) for r in found) or "—"
         acc, f1 = [r["accuracy"] for r in found], [r["macro_f1"] for r in found]
-        lines.append(f"| {name} | {what} | {seeds} | {_mean_sd(acc)} | {_mean_sd(f1)} | {steps} | {tokens} |")
+        lines.append(
+            f"| {name} | {what} | {commit} | {seeds} | {_mean_sd(acc)} | {_mean_sd(f1)} | {steps} | {tokens} |"
+        )
     return "\n".join(lines)
 
 
@@ -189,10 +191,11 @@ def table(runs_dir: Path, rows=RUNS, reference: str = "b0") -> str:
     ref = collect(runs_dir, reference)
     ref_acc = statistics.fmean(r["accuracy"] for r in ref) if ref else None
     lines = [
-        "| run | change | seeds | accuracy % | macro-F1 % | Δ acc vs old default (pp) | steps | training tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | change | ran at | seeds | accuracy % | macro-F1 % | Δ acc vs old default (pp) | steps |"
+        " training tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, what, _, _ in rows:
+    for name, what, _, commit in rows:
         found = collect(runs_dir, name)
         acc = [r["accuracy"] for r in found]
         delta = f"{100 * (statistics.fmean(acc) - ref_acc):+.1f}" if found and ref_acc is not None else "—"
@@ -200,8 +203,8 @@ def table(runs_dir: Path, rows=RUNS, reference: str = "b0") -> str:
         tokens = f"{found[0]['tokens'] / 1000:.0f}k" if found else "—"
         seeds = ", ".join(str(r["seed"]) for r in found) or "—"
         lines.append(
-            f"| {name} | {what} | {seeds} | {_mean_sd(acc)} | {_mean_sd([r['macro_f1'] for r in found])} | {delta} |"
-            f" {steps} | {tokens} |"
+            f"| {name} | {what} | {commit} | {seeds} | {_mean_sd(acc)} | {_mean_sd([r['macro_f1'] for r in found])} |"
+            f" {delta} | {steps} | {tokens} |"
         )
     return "\n".join(lines)
 

@@ -30,5 +30,9 @@ for seed in $SEEDS; do
     --out "$DOCS/ledgers/tfidf-svm-seed$seed.json"
 done
 wait
+for seed in $SEEDS; do  # TF-IDF reading exactly the text each seed's LoRA prompts held
+  "$PY" -m arxiv_ft.baseline --train-per-class 30 --eval-per-class 20 --seed "$seed" --text llm \
+    --same-text-as "$RUNS/lora-seed$seed" --out "$DOCS/ledgers/tfidf-svm-sametext-seed$seed.json"
+done
 rm -f "$DOCS/ledgers/metrics.json"  # the baseline's per-class details; the ledger holds what the report needs
 "$PY" -m arxiv_ft.report "$DOCS"/ledgers/*.json --out "$DOCS"

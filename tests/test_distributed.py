@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from arxiv_ft.checkpoints import COMPLETE, EXIT_PREEMPTED, complete_checkpoints, find_resume
+from arxiv_ft.options import TrainConfig
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -308,7 +309,7 @@ def test_resume_refuses_a_different_config(tiny_model_dir, tmp_path):
     subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, check=True, capture_output=True)
     (tmp_path / "ledger.json").unlink()  # as if it had crashed after its last checkpoint
     res = subprocess.run([sys.executable, "train.py", *args, "--lr", "0.5"], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode != 0 and "lr: 0.0004 -> 0.5" in res.stderr
+    assert res.returncode != 0 and f"lr: {TrainConfig().lr} -> 0.5" in res.stderr  # (the default's, then the new)
 
 
 def test_a_checkpoint_resumes_on_another_number_of_processes_with_the_same_global_batches(tiny_model_dir, tmp_path):

@@ -41,104 +41,50 @@ RUNS = [
 
 
 # Combinations, scored on the 420 validation papers (20 a class) for a finer reading: name, what, flags, commit.
-# Runs first scored on 210 papers were rescored on 420 by `infer.py --model-dir` (RUNS_DIR/eval420-<name>-s<seed>).
+# Runs first scored on 210 papers were rescored on 420 by `infer.py --model-dir` (RUNS_DIR/eval420-<name>-s<seed>);
+# `commands` gives them --eval-per-class 20, which scores the same 420 papers in the run itself.
+C6 = ["--lr", "2e-3", "--token-budget", "paper", "--max-seq-tokens", "128", "--lora-layers", "15"]
+R1 = ["--lr", "2e-3", "--epochs", "2", "--lora-layers", "15"]
 COMBOS = [
     ("lr2e-3", "lr 2e-3 (the best single change)", ["--lr", "2e-3"], OLD),
     ("c1", "lr 2e-3 + 192 paper tokens", ["--lr", "2e-3", "--token-budget", "paper"], NEW),
     ("c4", "lr 2e-3 + label-softmax", ["--lr", "2e-3", "--objective", "label-softmax"], NEW),
-    (
-        "c6",
-        "lr 2e-3 + 128 paper tokens + LoRA on the top 15 layers",
-        ["--lr", "2e-3", "--token-budget", "paper", "--max-seq-tokens", "128", "--lora-layers", "15"],
-        NEW,
-    ),
-    (
-        "c5",
-        "c6 + label-softmax",
-        [
-            "--lr",
-            "2e-3",
-            "--token-budget",
-            "paper",
-            "--max-seq-tokens",
-            "128",
-            "--lora-layers",
-            "15",
-            "--objective",
-            "label-softmax",
-        ],
-        NEW,
-    ),
-    (
-        "c7",
-        "c6 + classification head",
-        [
-            "--lr",
-            "2e-3",
-            "--token-budget",
-            "paper",
-            "--max-seq-tokens",
-            "128",
-            "--lora-layers",
-            "15",
-            "--objective",
-            "cls-head",
-        ],
-        NEW,
-    ),
-    (
-        "r1",
-        "lr 2e-3 + 2 epochs + LoRA on the top 15 layers (192 tokens in all: ~80 of the paper)",
-        ["--lr", "2e-3", "--epochs", "2", "--lora-layers", "15", "--eval-per-class", "20"],
-        "7cf4d31",
-    ),
-    (
-        "r3",
-        "r1 + label-softmax",
-        [
-            "--lr",
-            "2e-3",
-            "--epochs",
-            "2",
-            "--lora-layers",
-            "15",
-            "--objective",
-            "label-softmax",
-            "--eval-per-class",
-            "20",
-        ],
-        "7cf4d31",
-    ),
+    ("c6", "lr 2e-3 + 128 paper tokens + LoRA on the top 15 layers", C6, NEW),
+    ("c5", "c6 + label-softmax", [*C6, "--objective", "label-softmax"], NEW),
+    ("c7", "c6 + classification head", [*C6, "--objective", "cls-head"], NEW),
+    ("r1", "lr 2e-3 + 2 epochs + LoRA on the top 15 layers (192 tokens in all: ~80 of the paper)", R1, "7cf4d31"),
+    ("r3", "r1 + label-softmax", [*R1, "--objective", "label-softmax"], "7cf4d31"),
 ]
 
 
 def commands(seeds=(0, 1)) -> list[str]:
     out = []
-    for name, _, flags, commit in RUNS:
-        for seed in seeds:
-            out_dir = f"runs/ablation/{name}-s{seed}"
-            argv = ["python", "train.py", *BASE, *flags, "--seed", str(seed), "--output-dir", out_dir]
-            out.append(f"# at {commit}\n" + " ".join(argv))
+    for rows, extra in ((RUNS, []), (COMBOS, ["--eval-per-class", "20"])):
+        for name, _, flags, commit in rows:
+            for seed in seeds:
+                out_dir = f"runs/ablation/{name}-s{seed}"
+                argv = ["python", "train.py", *BASE, *flags, *extra, "--seed", str(seed), "--output-dir", out_dir]
+                out.append(f"# at {commit}\n" + " ".join(argv))
     return out
 
 
+def _result(seed: int, score: dict, train: dict) -> dict:
+    return {
+        "seed": seed,
+        "accuracy": score["accuracy"],
+        "macro_f1": score["macro_f1"],
+        "steps": train["steps"],
+        "tokens": train["tokens_seen"],
+        "n": score["n"],
+    }
+
+
 def collect(runs_dir: Path, name: str) -> list[dict]:
+    """A run's scores on the papers it evaluated itself, one per seed (RUNS_DIR/<name>-s<seed>/out/metrics.json)."""
     found = []
     for path in sorted(runs_dir.glob(f"{name}-s*/out/metrics.json")):
         m = json.loads(path.read_text())
-        score = m["after"]["score"]
-        train = m["train"]
-        found.append(
-            {
-                "seed": int(path.parent.parent.name.rsplit("-s", 1)[1]),
-                "accuracy": score["accuracy"],
-                "macro_f1": score["macro_f1"],
-                "steps": train["steps"],
-                "tokens": train["tokens_seen"],
-                "train_seconds": train["train_seconds"],
-                "n": score["n"],
-            }
-        )
+        found.append(_result(int(path.parent.parent.name.rsplit("-s", 1)[1]), m["after"]["score"], m["train"]))
     return found
 
 
@@ -147,20 +93,18 @@ def collect420(runs_dir: Path, name: str) -> list[dict]:
     found = {r["seed"]: r for r in collect(runs_dir, name) if r["n"] == 420}
     for path in sorted(runs_dir.glob(f"eval420-{name}-s*/preds.jsonl.summary.json")):
         seed = int(path.parent.name.rsplit("-s", 1)[1])
-        score = json.loads(path.read_text())["metrics"]
         train = json.loads((runs_dir / f"{name}-s{seed}/out/metrics.json").read_text())["train"]
-        found.setdefault(
-            seed,
-            {
-                "seed": seed,
-                "accuracy": score["accuracy"],
-                "macro_f1": score["macro_f1"],
-                "steps": train["steps"],
-                "tokens": train["tokens_seen"],
-                "n": score["n"],
-            },
-        )
+        found.setdefault(seed, _result(seed, json.loads(path.read_text())["metrics"], train))
     return [found[s] for s in sorted(found)]
+
+
+def _cells(found: list[dict]) -> tuple[str, str, str, object, str]:
+    """seeds, accuracy, macro-F1, steps, training tokens: the columns both tables share."""
+    if not found:
+        return "—", "—", "—", "—", "—"
+    seeds = ", ".join(str(r["seed"]) for r in found)
+    acc, f1 = _mean_sd([r["accuracy"] for r in found]), _mean_sd([r["macro_f1"] for r in found])
+    return seeds, acc, f1, found[0]["steps"], f"{found[0]['tokens'] / 1000:.0f}k"
 
 
 def combo_table(runs_dir: Path, rows=COMBOS) -> str:
@@ -169,14 +113,8 @@ def combo_table(runs_dir: Path, rows=COMBOS) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, what, _, commit in rows:
-        found = collect420(runs_dir, name)
-        steps = found[0]["steps"] if found else "—"
-        tokens = f"{found[0]['tokens'] / 1000:.0f}k" if found else "—"
-        seeds = ", ".join(str(r["seed"]) for r in found) or "—"
-        acc, f1 = [r["accuracy"] for r in found], [r["macro_f1"] for r in found]
-        lines.append(
-            f"| {name} | {what} | {commit} | {seeds} | {_mean_sd(acc)} | {_mean_sd(f1)} | {steps} | {tokens} |"
-        )
+        seeds, acc, f1, steps, tokens = _cells(collect420(runs_dir, name))
+        lines.append(f"| {name} | {what} | {commit} | {seeds} | {acc} | {f1} | {steps} | {tokens} |")
     return "\n".join(lines)
 
 
@@ -197,15 +135,10 @@ def table(runs_dir: Path, rows=RUNS, reference: str = "b0") -> str:
     ]
     for name, what, _, commit in rows:
         found = collect(runs_dir, name)
-        acc = [r["accuracy"] for r in found]
-        delta = f"{100 * (statistics.fmean(acc) - ref_acc):+.1f}" if found and ref_acc is not None else "—"
-        steps = found[0]["steps"] if found else "—"
-        tokens = f"{found[0]['tokens'] / 1000:.0f}k" if found else "—"
-        seeds = ", ".join(str(r["seed"]) for r in found) or "—"
-        lines.append(
-            f"| {name} | {what} | {commit} | {seeds} | {_mean_sd(acc)} | {_mean_sd([r['macro_f1'] for r in found])} |"
-            f" {delta} | {steps} | {tokens} |"
-        )
+        mean = statistics.fmean(r["accuracy"] for r in found) if found else None
+        delta = f"{100 * (mean - ref_acc):+.1f}" if mean is not None and ref_acc is not None else "—"
+        seeds, acc, f1, steps, tokens = _cells(found)
+        lines.append(f"| {name} | {what} | {commit} | {seeds} | {acc} | {f1} | {delta} | {steps} | {tokens} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ file or the new one, never a torn one. No heavy imports: the command-line `--hel
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -56,6 +57,23 @@ def write_json(path: str | Path, obj) -> Path:
 def read_json(path: str | Path):
     """The JSON in a file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def cached_json(folder: str | Path, name: str, key, compute, write: bool = True) -> tuple[object, bool]:
+    """`compute()`'s JSON result, computed once per `key` and then read from `folder/name-<hash of key>.json`
+    (the stored key must equal `key`, so a hash collision or a stale file is recomputed). Returns (result, from the
+    cache?). Written atomically: two processes computing the same key at once never read half a file. Pass
+    `write=False` on processes other than the one that should write."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(folder) / f"{name}-{digest}.json"
+    if path.is_file():
+        cached = read_json(path)
+        if cached.get("key") == key:
+            return cached["result"], True
+    result = compute()
+    if write:
+        atomic_write(path, json.dumps({"key": key, "result": result}))
+    return result, False
 
 
 def fsync_tree(folder: str | Path) -> None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from arxiv_ft.config import option
 from arxiv_ft.data import left_pad
-from arxiv_ft.fileio import atomic_write
+from arxiv_ft.fileio import cached_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Bump when anything that changes the numbers changes: templates, tokenisation, window rule, item selection.
@@ -373,15 +373,8 @@ def base_probes_cached(
         "probe": probe_key(cfg),
         "extra": key_extra or {},
     }
-    path = Path(cache_dir) / f"base-probes-{_hash(key)[:20]}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["result"]
-    result = run_probes(model_loader(), tokenizer, dataclasses.replace(cfg, kl=False))
-    # Written atomically: two runs probing the same base at once never see half a file.
-    atomic_write(path, json.dumps({"key": key, "result": result}))
-    return result
+    compute = lambda: run_probes(model_loader(), tokenizer, dataclasses.replace(cfg, kl=False))  # noqa: E731
+    return cached_json(cache_dir, "base-probes", key, compute)[0]
 
 
 def forgetting_delta(base: dict, tuned: dict) -> dict:

@@ -142,11 +142,11 @@ def resolve_task(cfg: InferConfig) -> dict:
             raise SystemExit("--labels top:K needs a training file; give a label file or comma-separated labels")
         try:
             labels = rec.label_set(cfg.labels, "")
-            train = TrainConfig.__dataclass_fields__  # zero-shot prompts default to train's
+            train = TrainConfig()  # zero-shot prompts default to train's
             spec = PromptSpec(
-                cfg.template or train["template"].default,
-                cfg.max_seq_tokens or train["max_seq_tokens"].default,
-                cfg.token_budget or train["token_budget"].default,
+                cfg.template or train.template,
+                cfg.max_seq_tokens or train.max_seq_tokens,
+                cfg.token_budget or train.token_budget,
                 chat_kwargs={"date_string": zero_shot_date(cfg)},
             )
             get_template(spec.template)

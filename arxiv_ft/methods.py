@@ -91,6 +91,8 @@ class LoRA(Method):
     def wrap(self, model, cfg):
         from peft import LoraConfig, get_peft_model
 
+        from arxiv_ft.modeling import adapted_layers
+
         n_layers = model.config.num_hidden_layers
         top = adapted_layers(cfg.lora_layers, n_layers)
         # Only the top layers adapt: nothing below them needs a gradient, so backward stops there.
@@ -192,14 +194,6 @@ class DoRA(LoRA):
     name: str = "dora"
     summary: str = "DoRA: LoRA direction + trained magnitude, on a frozen base"
     dora: bool = True
-
-
-def adapted_layers(lora_layers: float, n_layers: int) -> int:
-    """How many top decoder layers LoRA adapts: a fraction of them (< 1), a count (>= 1), or all (0)."""
-    if lora_layers <= 0:
-        return n_layers
-    count = max(1, round(lora_layers * n_layers)) if lora_layers < 1 else int(lora_layers)
-    return min(count, n_layers)
 
 
 def _quant_storage(folder: Path) -> str:

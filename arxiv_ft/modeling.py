@@ -498,6 +498,14 @@ def _layer_of(module_name: str) -> int | None:
     return next((int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers" and parts[i + 1].isdigit()), None)
 
 
+def adapted_layers(lora_layers: float, n_layers: int) -> int:
+    """How many top decoder layers LoRA adapts: a fraction of them (< 1), a count (>= 1), or all (0)."""
+    if lora_layers <= 0:
+        return n_layers
+    count = max(1, round(lora_layers * n_layers)) if lora_layers < 1 else int(lora_layers)
+    return min(count, n_layers)
+
+
 def estimate_memory(
     config: PretrainedConfig,
     method,
@@ -516,8 +524,6 @@ def estimate_memory(
     """
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    from arxiv_ft.methods import adapted_layers
-
     n_layers = config.num_hidden_layers
     layers = range(n_layers - adapted_layers(lora_layers, n_layers), n_layers)
     n_params = sum(p.numel() for p in model.parameters())

@@ -8,6 +8,8 @@ libraries load here, not where the command line is parsed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -38,7 +40,7 @@ from arxiv_ft.data import (
     collate_prompts,
     tokenize_dataset,
 )
-from arxiv_ft.fileio import FolderLock, fsync_dir, fsync_tree, read_json, write_json
+from arxiv_ft.fileio import FolderLock, cached_json, fsync_dir, fsync_tree, read_json, write_json
 from arxiv_ft.fit import Setup, Stopped, TrainState, lr_schedule
 from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, forgetting_delta, run_probes
 from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
@@ -362,9 +364,6 @@ def schedule(cfg: TrainConfig, optimizer, total_steps: int, step: int = 0):
 def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> dict:
     """The base model's scores on the evaluation papers, computed once per base model, papers, prompt and numerics
     and then read from the cache (like the base probes): every run of a comparison shares its zero-shot row."""
-    import hashlib
-    import json
-
     papers = hashlib.sha256(json.dumps([r.to_json() for r in task.eval_records]).encode()).hexdigest()
     key = {
         "version": 1,
@@ -375,19 +374,11 @@ def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable
         "mode": cfg.eval_mode,
         "numerics": [str(launch.dtype), launch.device.type, launch.method.quantized],
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir() / "zero-shot" / f"{digest}.json"
-    if path.is_file():
-        cached = read_json(path)
-        if cached.get("key") == key:
-            score = cached["result"].get("score") or cached["result"].get("generate")
-            launch.log(
-                f"[zero-shot] accuracy {score['accuracy']:.4f} macro-F1 {score['macro_f1']:.4f} (cached: {path})"
-            )
-            return cached["result"]
-    result = run_evaluation(cfg, launch, task, trainable, "zero-shot")
-    if launch.is_main:
-        write_json(path, {"key": key, "result": result})
+    compute = lambda: run_evaluation(cfg, launch, task, trainable, "zero-shot")  # noqa: E731
+    result, cached = cached_json(cache_dir() / "zero-shot", "zero-shot", key, compute, write=launch.is_main)
+    if cached:
+        score = result.get("score") or result.get("generate")
+        launch.log(f"[zero-shot] accuracy {score['accuracy']:.4f} macro-F1 {score['macro_f1']:.4f} (cached)")
     return result
 
 

@@ -191,3 +191,11 @@ def test_help_is_clean_and_loads_no_heavy_library(command):
 def test_arxiv_ft_without_a_subcommand_lists_them():
     res = subprocess.run([sys.executable, "-m", "arxiv_ft.cli"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and all(name in res.stdout for name in ("train", "infer", "report", "fetch"))
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_preset_parses_validates_and_names_files_that_exist(preset, monkeypatch):
+    monkeypatch.chdir(ROOT)  # presets name their data relative to the repository, where their commands run
+    cfg = parse_config(TrainConfig, ["--config", str(preset)], "")
+    for path in (cfg.train_file, cfg.eval_file):
+        assert (ROOT / path).exists(), f"{preset.name} names {path}, which is not in the repository"

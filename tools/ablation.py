@@ -26,7 +26,7 @@ RUNS = [
     ("b0n", "old default, warm-up starting above 0 (current code)", [], NEW),
     ("lr2e-3", "learning rate 2e-3", ["--lr", "2e-3"], OLD),
     ("ep2", "2 epochs", ["--epochs", "2"], OLD),
-    ("const", "constant schedule after warm-up", ["--lr-schedule", "constant"], OLD),
+    ("const", "constant learning rate after the warm-up", ["--lr-schedule", "constant"], NEW),
     ("minlr", "cosine to 10% instead of 0", ["--min-lr-ratio", "0.1"], NEW),
     ("paper192", "192 tokens for the paper alone (system turn not counted)", ["--token-budget", "paper"], NEW),
     ("r64", "LoRA rank 64, alpha 128", ["--lora-rank", "64", "--lora-alpha", "128"], OLD),

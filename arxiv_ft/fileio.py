@@ -59,13 +59,17 @@ def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def json_digest(obj) -> str:
+    """SHA-256 of `obj` as canonical JSON (sorted keys): the key of a cache entry or a recorded configuration."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def cached_json(folder: str | Path, name: str, key, compute, write: bool = True) -> tuple[object, bool]:
     """`compute()`'s JSON result, computed once per `key` and then read from `folder/name-<hash of key>.json`
     (the stored key must equal `key`, so a hash collision or a stale file is recomputed). Returns (result, from the
     cache?). Written atomically: two processes computing the same key at once never read half a file. Pass
     `write=False` on processes other than the one that should write."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(folder) / f"{name}-{digest}.json"
+    path = Path(folder) / f"{name}-{json_digest(key)[:20]}.json"
     if path.is_file():
         cached = read_json(path)
         if cached.get("key") == key:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from arxiv_ft.config import option
 from arxiv_ft.data import left_pad
-from arxiv_ft.fileio import cached_json
+from arxiv_ft.fileio import cached_json, json_digest
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Bump when anything that changes the numbers changes: templates, tokenisation, window rule, item selection.
@@ -313,10 +313,6 @@ def probe_key(cfg: ProbeConfig) -> dict:
     }
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None, progress: bool = True) -> dict:
     """Perplexity and multiple-choice probes (and KL to the base when `cfg.kl`) for one model.
 
@@ -330,7 +326,7 @@ def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None, progress: bo
     mc = multiple_choice(model, tokenizer, items, cfg.batch_size, progress)
     result = {
         "probe_version": PROBE_VERSION,
-        "key_hash": _hash(probe_key(cfg)),
+        "key_hash": json_digest(probe_key(cfg)),
         "config": dataclasses.asdict(cfg),
         "perplexity": ppl,
         "multiple_choice": mc,

@@ -158,6 +158,31 @@ def reference(tiny_model_dir, tmp_path_factory):
     return json.loads((out / "metrics.json").read_text()), out
 
 
+def test_up_removes_the_network_a_killed_cluster_left(tmp_path):
+    """A run killed before its `down` (the sandbox restarted mid-CI) leaves the bridge and namespaces and no daemons:
+    the next `up` must clear them, not fail every Slurm test. Runs before the module's cluster comes up."""
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    subprocess.run(["ip", "link", "add", "slbr0", "type", "bridge"], check=True)
+    subprocess.run(["ip", "netns", "add", "slnode1"], check=True)
+    base = Path(tempfile.mkdtemp(prefix="arxiv-ft-slurm-"))
+    base.chmod(0o755)
+    try:
+        up = subprocess.run([str(CLUSTER_SH), "up", str(base)], capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr
+        assert "removing a dead test cluster's network" in up.stderr
+        env = {**os.environ, "SLURM_CONF": str(base / "slurm.conf")}
+        sinfo = subprocess.run(["sinfo", "-h", "-o", "%D"], capture_output=True, text=True, env=env, timeout=30)
+        assert sinfo.stdout.strip() == "2", sinfo.stderr
+    finally:
+        subprocess.run([str(CLUSTER_SH), "down", str(base)], capture_output=True, text=True, timeout=180)
+        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["ip", "netns", "del", "slnode1"], capture_output=True)
+        subprocess.run(["ip", "link", "del", "slbr0"], capture_output=True)
+    assert "slnode" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
 def test_two_nodes_in_two_namespaces_train_like_one_process(cluster, reference, tiny_model_dir, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
     args = train_args(tiny_model_dir, out, 4, "--expect-processes", "2")

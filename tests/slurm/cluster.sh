@@ -24,9 +24,21 @@ up() {
   }
   # The bridge, namespace names and 10.200.0.0/24 are machine-wide: one such cluster at a time.
   if ip link show "$BRIDGE" >/dev/null 2>&1 || ip netns list 2>/dev/null | grep -q '^slnode'; then
-    echo "a test cluster is already up on this machine (bridge $BRIDGE or netns slnode* exist);" \
-      "tear it down with: tests/slurm/cluster.sh down <its BASE> (tests/test_slurm.py uses /tmp/arxiv-ft-slurm-*)" >&2
-    exit 1
+    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+      echo "a test cluster is already up on this machine (bridge $BRIDGE or netns slnode* exist, slurm daemons" \
+        "running); tear it down with: tests/slurm/cluster.sh down <its BASE>" \
+        "(tests/test_slurm.py uses /tmp/arxiv-ft-slurm-*)" >&2
+      exit 1
+    fi
+    # No Slurm daemon alive: the network of a run that was killed before its `down` (seen here: the sandbox restarted,
+    # its processes died, its bridge and namespaces stayed, and the next CI run failed on them). Only we use the names.
+    echo "removing a dead test cluster's network (bridge $BRIDGE, netns slnode*): no slurm daemon is running" >&2
+    local dead
+    for dead in $(ip netns list 2>/dev/null | awk '/^slnode/ {print $1}'); do
+      ip netns del "$dead"
+      rm -rf "/etc/netns/$dead"
+    done
+    ip link del "$BRIDGE" 2>/dev/null || true
   fi
   local host ncpu=2 mem=4000 nodes="" i j ns
   host=$(hostname -s)

@@ -148,7 +148,10 @@ def plot(runs: Path, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     seeds = sorted({r["seed"] for r in rows})
-    fig.suptitle(f"Learning curves: mean ± sd over seeds {seeds} (the seed also draws the training papers)")
+    fig.suptitle(
+        f"Learning curves: mean ± sd over seeds {seeds}\n(the seed also draws the training papers,"
+        " except at 100 a class: the whole shipped sample)"
+    )
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)

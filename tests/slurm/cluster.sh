@@ -33,12 +33,7 @@ up() {
     # No Slurm daemon alive: the network of a run that was killed before its `down` (seen here: the sandbox restarted,
     # its processes died, its bridge and namespaces stayed, and the next CI run failed on them). Only we use the names.
     echo "removing a dead test cluster's network (bridge $BRIDGE, netns slnode*): no slurm daemon is running" >&2
-    local dead
-    for dead in $(ip netns list 2>/dev/null | awk '/^slnode/ {print $1}'); do
-      ip netns del "$dead"
-      rm -rf "/etc/netns/$dead"
-    done
-    ip link del "$BRIDGE" 2>/dev/null || true
+    delete_network $(ip netns list 2>/dev/null | awk '/^slnode/ {print $1}')
   fi
   local host ncpu=2 mem=4000 nodes="" i j ns
   host=$(hostname -s)
@@ -188,15 +183,22 @@ down() {
     fi
   done
   if [ -f "$BASE/netns.list" ]; then
-    while read -r ns; do
-      ip netns del "$ns" 2>/dev/null
-      rm -rf "/etc/netns/$ns"
-    done <"$BASE/netns.list"
+    delete_network $(cat "$BASE/netns.list")
     rm -f "$BASE/netns.list"
-    rmdir /etc/netns 2>/dev/null
-    ip link del "$BRIDGE" 2>/dev/null
   fi
   return 0
+}
+
+# delete_network NS...: the namespaces NS (and their /etc/netns hosts files), then the bridge. Never fails (up runs
+# it under set -e): whatever is already gone is skipped.
+delete_network() {
+  local ns
+  for ns in "$@"; do
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "/etc/netns/$ns"
+  done
+  rmdir /etc/netns 2>/dev/null || true
+  ip link del "$BRIDGE" 2>/dev/null || true
 }
 
 case $ACTION in

@@ -645,6 +645,7 @@ def claim_output(cfg: TrainConfig, launch: Launch):
     problem, lock = [None], _NoLock()
     if launch.is_main:
         try:
+            RunDir(cfg.output_dir).refuse_overlap(read_inputs(cfg))
             lock = FolderLock(cfg.output_dir).acquire("train")
             RunDir(cfg.output_dir).prepare(cfg.resume, cfg.overwrite_output_dir)
         except SystemExit as exc:
@@ -655,6 +656,12 @@ def claim_output(cfg: TrainConfig, launch: Launch):
     if problem[0]:
         raise SystemExit(problem[0])
     return lock
+
+
+def read_inputs(cfg: TrainConfig) -> dict[str, str]:
+    """The local paths a run reads (its output folder must not overlap them): base model folder, data, labels."""
+    named = {"--model": cfg.model, "--train-file": cfg.train_file, "--eval-file": cfg.eval_file, "--labels": cfg.labels}
+    return {option: path for option, path in named.items() if path and Path(path).exists()}
 
 
 # ------------------------------------------------------------------------------------------------ probes

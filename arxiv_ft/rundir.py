@@ -194,8 +194,30 @@ class RunDir:
         root = self.path / CHECKPOINTS
         return root.is_dir() and any(root.iterdir())
 
+    def is_ours(self) -> bool:
+        """A folder a run of this project wrote (finished, or with checkpoints or its config)."""
+        return self.is_finished() or self.has_checkpoints() or (self.path / CONFIG).is_file()
+
+    def foreign_entries(self) -> list[str]:
+        """What this folder holds besides the lock and tracker logs a starting run makes itself."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name not in (".lock", "logs"))
+
+    def refuse_overlap(self, inputs: dict[str, str]) -> None:
+        """An output folder that is, holds or lies inside what the run reads (`inputs`: option -> path, such as the
+        base model folder and the data) is refused, before anything is written there: saving a run into its base
+        model's folder deleted the base's weights."""
+        for option, path in inputs.items():
+            if path and overlaps(self.path, Path(path)):
+                raise SystemExit(
+                    f"--output-dir {self.path} overlaps {option} {path}: a run folder must not be, hold or lie inside "
+                    "what the run reads; choose another --output-dir"
+                )
+
     def prepare(self, resume: str, overwrite: bool) -> None:
-        """Refuse to mix two runs in one folder; with `overwrite`, clear this project's files of the old run first.
+        """Refuse to mix two runs in one folder, or to write over what is not a run; with `overwrite`, clear this
+        project's files of the old run first (and nothing else).
 
         A finished run is never overwritten silently (its metrics and ledger would be lost), and `--resume none`
         into a folder with checkpoints would rotate the old run's checkpoints and the new run's together.
@@ -203,6 +225,14 @@ class RunDir:
         if overwrite:
             self.clear()
             return
+        foreign = self.foreign_entries()
+        if foreign and not self.is_ours():
+            raise SystemExit(
+                f"--output-dir {self.path} is not empty and holds no run of arxiv-ft ({', '.join(foreign[:5])}"
+                + (", ..." if len(foreign) > 5 else "")
+                + "): choose an empty or new folder, or pass --overwrite-output-dir (it removes only the files runs "
+                "write, such as README.md, config.json and the tokenizer files)"
+            )
         if self.is_finished():
             raise SystemExit(
                 f"{self.path} holds a finished run ({LEDGER}); choose another --output-dir, or pass "
@@ -226,6 +256,12 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
         for sub in (CHECKPOINTS, BEST, MERGED):
             shutil.rmtree(self.path / sub, ignore_errors=True)
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """`a` and `b` are the same path, or one lies inside the other (symlinks resolved)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def read_train_config(folder: str | Path) -> dict:

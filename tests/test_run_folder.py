@@ -236,3 +236,57 @@ def test_dora_trains_magnitude_and_direction_and_reloads_identically(tiny_model_
     preds = Classifier.from_pretrained(out, device="cpu").predict(records)
     accuracy = sum(p["label"] == r.primary for p, r in zip(preds, records)) / len(records)
     assert accuracy == pytest.approx(metrics["after"]["score"]["accuracy"])  # the reloaded model is the trained one
+
+
+# ------------------------------------------------------------------------- what is never deleted (issue #25 1-3)
+
+
+def test_merge_never_deletes_what_it_did_not_write(lora_run, tmp_path):
+    """`merge --out` refuses the run itself, a folder holding it, the base, and a folder holding someone's files; it
+    replaces only an earlier merge of the same run."""
+    from arxiv_ft.merge import merge_run
+
+    out, _ = lora_run
+    before = sorted(p.name for p in out.iterdir())
+    for target in (out, out.parent):
+        with pytest.raises(SystemExit, match="is or holds the run"):
+            merge_run(out, target)
+    assert sorted(p.name for p in out.iterdir()) == before
+    base = Path(RunDir(out).base_record()["path"])
+    with pytest.raises(SystemExit, match="base model"):
+        merge_run(out, base / "merged")
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not an earlier merge"):
+        merge_run(out, users)
+    assert (users / "notes.txt").read_text() == "keep me"
+    merged = merge_run(out, tmp_path / "merged")
+    assert merge_run(out, merged) == merged  # an earlier merge of the same run is replaced
+    assert not (merged / ".merge-partial").exists()
+
+
+def test_train_refuses_an_output_folder_that_is_the_base_or_holds_foreign_files(tiny_model_dir, tmp_path):
+    """The base model's folder (or one inside it, or the data) as --output-dir is refused before anything is written;
+    a folder of someone else's files is refused unless --overwrite-output-dir."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    for out in (model, model / "run"):
+        with pytest.raises(SystemExit, match="overlaps --model"):
+            run_train(["--model", str(model), "--output-dir", str(out), *FAST])
+        with pytest.raises(SystemExit, match="overlaps --model"):
+            run_train(["--model", str(model), "--output-dir", str(out), "--overwrite-output-dir", *FAST])
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files  # nothing written there, not even a lock
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(ASSETS / "cs-train-sample.jsonl", data / "train.jsonl")
+    with pytest.raises(SystemExit, match="overlaps --train-file"):
+        run_train(["--model", str(model), "--train-file", str(data / "train.jsonl"), "--output-dir", str(data), *FAST])
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for name in ("README.md", "config.json", "tokenizer.json"):
+        (theirs / name).write_text(f"the user's {name}")
+    with pytest.raises(SystemExit, match="holds no run of arxiv-ft"):
+        run_train(["--model", str(model), "--output-dir", str(theirs), *FAST])
+    assert all((theirs / n).read_text() == f"the user's {n}" for n in ("README.md", "config.json", "tokenizer.json"))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from arxiv_ft.options import MergeConfig
 
-
 MERGED, PARTIAL_MARK = "merged.json", ".merge-partial"
 
 

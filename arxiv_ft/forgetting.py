@@ -1,11 +1,14 @@
 """Forgetting probes: what fine-tuning costs the model outside the task, measured the same way before and after.
 
-Two probes, both on shipped data so every run is measured on identical items:
-- perplexity on WikiText-2 (raw test): the text is tokenised once, cut into the first `n_windows` non-overlapping
-  windows of `window_tokens`; each window is scored on its own (its first token has no context and is not scored).
+Three probes, all on shipped data so every run is measured on identical items:
+- perplexity on WikiText-2 (raw test): the text is tokenised once and `n_windows` windows of `window_tokens` are
+  taken evenly spaced over all of it (the first N windows were one and a half articles); each window is scored on
+  its own (its first token has no context and is not scored).
 - multiple-choice accuracy on a fixed mix (ARC, HellaSwag, PIQA, WinoGrande, BoolQ, MMLU), lm-eval-harness style:
   plain-text context, each choice scored by log-likelihood; no chat template, so the base model is not penalised.
-Optionally, the mean KL(base || tuned) of next-token distributions on the perplexity windows.
+- the mean KL(base || tuned) of next-token distributions on the perplexity windows (for adapters the base is the
+  same model with its adapters off): the most sensitive of the three, and it needs no labels.
+Every delta carries a 95% paired bootstrap interval over the windows or the items (`arxiv_ft.stats`).
 
 The base model's results are cached on disk (`base_probes_cached`), keyed by model identity, PROBE_VERSION and the
 probe config, so each fine-tuned run pays only for probing itself.
@@ -32,18 +35,18 @@ from arxiv_ft.fileio import cached_json, json_digest
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Bump when anything that changes the numbers changes: templates, tokenisation, window rule, item selection.
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: windows spread over the whole text, per-window NLL kept for intervals
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    # Defaults (train's): ~40 s on 2 CPU cores for SmolLM2-135M (fp32); raise n_windows / mc_items on a GPU.
-    n_windows: int = option(4, "WikiText-2 windows scored (the first N, non-overlapping)")
+    # Train's defaults are set in TrainConfig (the cheap probe); the comparisons use 64 windows and all 800 items.
+    n_windows: int = option(16, "WikiText-2 windows scored, evenly spaced over the whole text")
     window_tokens: int = option(512, "tokens per perplexity window")
     mc_items: int = option(70, "multiple-choice items: the first mc_items/7 of each task in file order")
     batch_size: int = option(8, "choice sequences per forward")
     windows_per_forward: int = option(1, "perplexity windows per forward (logits: window x 49k vocab x 4 bytes each)")
-    kl: bool = option(False, "also measure KL(base || tuned) on the windows (needs the base model at hand)")
+    kl: bool = option(True, "also measure KL(base || tuned) on the windows (needs the base model at hand)")
     text_file: str = option(str(ASSETS / "wikitext2_raw_test.txt"), "perplexity text")
     items_file: str = option(str(ASSETS / "probe_mix_800.jsonl"), "multiple-choice items (JSONL)")
 
@@ -68,12 +71,20 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     return _TOKEN_CACHE[key]
 
 
+def window_starts(n_tokens: int, window_tokens: int, n_windows: int) -> list[int]:
+    """Where each of `n_windows` non-overlapping windows starts: evenly spaced over the whole token stream, so the
+    probe reads many articles instead of the first one or two."""
+    if n_tokens < window_tokens * n_windows:
+        raise ValueError(f"text has {n_tokens} tokens, fewer than {n_windows} windows of {window_tokens}")
+    stride = n_tokens // n_windows
+    return [i * stride for i in range(n_windows)]
+
+
 def text_windows(tokenizer, text: str, window_tokens: int, n_windows: int) -> torch.Tensor:
-    """The first `n_windows` non-overlapping windows of the whole text's token ids: a [n, window_tokens] tensor."""
+    """`n_windows` non-overlapping windows of the whole text's token ids (see window_starts): [n, window_tokens]."""
     ids = _text_ids(tokenizer, text)
-    if len(ids) < window_tokens * n_windows:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than {n_windows} windows of {window_tokens}")
-    return torch.tensor(ids[: window_tokens * n_windows], dtype=torch.long).view(n_windows, window_tokens)
+    starts = window_starts(len(ids), window_tokens, n_windows)
+    return torch.tensor([ids[s : s + window_tokens] for s in starts], dtype=torch.long)
 
 
 def _device(model) -> torch.device:
@@ -104,23 +115,24 @@ def perplexity(
     """Perplexity on fixed windows of `text`: exp of the mean NLL over every predicted token of every window."""
     windows = text_windows(tokenizer, text, window_tokens, n_windows)
     device = _device(model)
-    nll_sum, n_tokens = 0.0, 0
+    window_nll: list[float] = []
     with _inference(model):
         # A few windows per forward: the logits of one 1024-token window are 200 MB with a 49k vocabulary.
         starts = range(0, n_windows, batch_size)
         for start in tqdm(starts, desc="probe: perplexity", unit="window", disable=not progress, leave=False):
             ids = windows[start : start + batch_size].to(device)
             logits = model(input_ids=ids).logits
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-            nll_sum += float(nll)
-            n_tokens += ids[:, 1:].numel()
-    nll_mean = nll_sum / n_tokens
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+            window_nll.extend(float(x) for x in nll.double().sum(dim=1))
+    n_tokens = n_windows * (window_tokens - 1)
+    nll_mean = sum(window_nll) / n_tokens
     return {
         "ppl": float(torch.tensor(nll_mean, dtype=torch.float64).exp()),
         "nll": nll_mean,
         "tokens": n_tokens,
         "windows": n_windows,
         "window_tokens": window_tokens,
+        "window_nll": window_nll,  # summed NLL of each window's predicted tokens: what the intervals resample
     }
 
 
@@ -140,16 +152,17 @@ def next_token_kl(
                 return tuned_model(input_ids=ids).logits
         return base_model(input_ids=ids).logits
 
-    kl_sum, n_positions = 0.0, 0
+    window_kl: list[float] = []
     with _inference(tuned_model), _inference(base_model if base_model is not None else tuned_model):
         for start in range(0, n_windows, batch_size):
             ids = windows[start : start + batch_size].to(device)
-            tuned_logp = torch.log_softmax(tuned_model(input_ids=ids).logits[:, :-1].float(), dim=-1).flatten(0, 1)
-            base_logp = torch.log_softmax(base_logits(ids)[:, :-1].float(), dim=-1).flatten(0, 1)
+            tuned_logp = torch.log_softmax(tuned_model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+            base_logp = torch.log_softmax(base_logits(ids)[:, :-1].float(), dim=-1)
             # kl_div(input=log q, target=log p) is sum p (log p - log q): KL(base || tuned).
-            kl_sum += float(F.kl_div(tuned_logp, base_logp, log_target=True, reduction="sum"))
-            n_positions += tuned_logp.shape[0]
-    return {"kl": kl_sum / n_positions, "positions": n_positions}
+            kl = F.kl_div(tuned_logp, base_logp, log_target=True, reduction="none").sum(dim=(1, 2))
+            window_kl.extend(float(x) for x in kl.double())
+    n_positions = n_windows * (window_tokens - 1)
+    return {"kl": sum(window_kl) / n_positions, "positions": n_positions, "window_kl": window_kl}
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
@@ -373,15 +386,43 @@ def base_probes_cached(
     return cached_json(cache_dir, "base-probes", key, compute)[0]
 
 
+def forgetting_intervals(base: dict, tuned: dict) -> dict:
+    """95% paired bootstrap intervals: perplexity change in % (over windows), MC accuracy change (over items), mean
+    KL (over windows). None where the probes predate per-window numbers."""
+    import numpy as np
+
+    from arxiv_ft.stats import bootstrap_mean, paired_bootstrap
+
+    out = {"ppl_change_pct": None, "mc_delta": None, "kl": None}
+    nb, nt = base["perplexity"].get("window_nll"), tuned["perplexity"].get("window_nll")
+    if nb and nt:
+        per_window = base["perplexity"]["window_tokens"] - 1
+
+        def ppl_change(b, t):
+            return 100 * (np.exp((t.sum() - b.sum()) / (len(t) * per_window)) - 1)
+
+        out["ppl_change_pct"] = paired_bootstrap(nb, nt, ppl_change)
+    mb, mt = base["multiple_choice"]["correct"], tuned["multiple_choice"]["correct"]
+    out["mc_delta"] = paired_bootstrap(mb, mt, lambda b, t: t.mean() - b.mean())
+    window_kl = (tuned.get("kl") or {}).get("window_kl")
+    if window_kl:
+        per_window = tuned["kl"]["positions"] / len(window_kl)
+        out["kl"] = bootstrap_mean(np.asarray(window_kl) / per_window)
+    return out
+
+
 def forgetting_delta(base: dict, tuned: dict) -> dict:
-    """Tuned minus base: perplexity (delta and ratio), MC accuracy overall and per task, items lost and gained."""
+    """Tuned minus base: perplexity (delta, ratio, % change), MC accuracy overall and per task, items lost and
+    gained, KL; with their 95% intervals under "ci95"."""
     if base["key_hash"] != tuned["key_hash"]:
         raise ValueError("base and tuned probes were run with different probe configs or data; not comparable")
     pb, pt = base["perplexity"], tuned["perplexity"]
     mb, mt = base["multiple_choice"], tuned["multiple_choice"]
     # Paired outcome per item: with ~100 items a 2-point change is a handful of flips either way.
     flips = list(zip(mb["correct"], mt["correct"]))
+    intervals = forgetting_intervals(base, tuned)
     return {
+        "ppl_change_pct": 100 * (pt["ppl"] / pb["ppl"] - 1),
         "ppl_before": pb["ppl"],
         "ppl_after": pt["ppl"],
         "ppl_delta": pt["ppl"] - pb["ppl"],
@@ -395,4 +436,7 @@ def forgetting_delta(base: dict, tuned: dict) -> dict:
         "mc_items_gained": sum(1 for b, t in flips if t and not b),
         "mc_task_delta": {task: mt["tasks"][task]["acc_norm"] - v["acc_norm"] for task, v in mb["tasks"].items()},
         "kl": (tuned.get("kl") or {}).get("kl"),
+        "ci95": {name: value["ci95"] if value else None for name, value in intervals.items()},
+        "mc_items": mb["n"],
+        "ppl_tokens": pt["tokens"],
     }

@@ -38,8 +38,10 @@ def _is_number(x) -> bool:
 
 @dataclasses.dataclass
 class Ledger:
-    """One run. `task` holds "after" (scores), and where measured "before" (the zero-shot model), "tfidf" (TF-IDF on
-    the same papers reading the prompt's text) and "tfidf_full_text" (the full abstract). Scores are {"accuracy",
+    """One run. `task` holds the validation scores: "after", and where measured "before" (the zero-shot model),
+    "tfidf" (untuned TF-IDF on the same papers reading the prompt's text), "tfidf_full_text" (the full abstract),
+    "tfidf_tuned" and "tfidf_tuned_full_text" (word + char n-grams, C by cross-validation on the training papers).
+    `test`, where the run had test papers, holds the same entries (no "before") on them. Scores are {"accuracy",
     "macro_f1", "n"} and optionally the per-paper `ids` and `correct` (0/1)."""
 
     run_id: str
@@ -58,10 +60,11 @@ class Ledger:
     ledger_version: int = LEDGER_VERSION
     run_name: str | None = None  # --run-name (the trackers' name); run_id is the output folder's name
     _note: str | None = None  # free text that travels into the report (fixtures say they are fabricated)
+    test: dict | None = None  # the test papers' scores (same entries as `task`); None = no test evaluation
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
-        for optional in ("_note", "run_name"):
+        for optional in ("_note", "run_name", "test"):
             if data[optional] is None:
                 del data[optional]
         return data
@@ -96,7 +99,7 @@ def validate_ledger(d) -> list[str]:
     """Every problem with a ledger record, as short messages; an empty list means it is valid."""
     if not isinstance(d, dict):
         return ["not a JSON object"]
-    required = [f.name for f in dataclasses.fields(Ledger) if f.name not in ("_note", "run_name")]
+    required = [f.name for f in dataclasses.fields(Ledger) if f.name not in ("_note", "run_name", "test")]
     problems = [f"missing key {k!r}" for k in required if k not in d]
     if problems:
         return problems
@@ -111,20 +114,10 @@ def validate_ledger(d) -> list[str]:
     data = d["data"]
     if not isinstance(data, dict) or not all(_is_number(data.get(k)) for k in ("n_train", "n_eval")):
         problems.append("data must hold n_train and n_eval")
-    task = d["task"]
-    if not isinstance(task, dict) or not isinstance(task.get("after"), dict):
-        problems.append("task.after is required")
-    else:
-        for when in ("before", "after", "tfidf", "tfidf_full_text"):
-            scores = task.get(when)
-            if scores is None:
-                continue
-            if not isinstance(scores, dict) or not all(_is_number(scores.get(k)) for k in ("accuracy", "macro_f1")):
-                problems.append(f"task.{when} needs numeric accuracy and macro_f1")
-            elif (scores.get("ids") is None) != (scores.get("correct") is None) or (
-                scores.get("ids") is not None and len(scores["ids"]) != len(scores["correct"])
-            ):
-                problems.append(f"task.{when}: ids and correct must come together, one outcome per paper")
+    for section in ("task", "test"):
+        if section == "test" and d.get("test") is None:
+            continue
+        problems.extend(_score_problems(section, d[section]))
     forgetting = d["forgetting"]
     if forgetting is not None:
         parts = [forgetting.get(k) if isinstance(forgetting, dict) else None for k in ("base", "tuned", "delta")]
@@ -143,6 +136,27 @@ def validate_ledger(d) -> list[str]:
     train = d["train"]
     if not isinstance(train, dict) or not all(_is_number(x) for x in train.get("loss_curve", [])):
         problems.append("train.loss_curve must be a list of numbers")
+    return problems
+
+
+SCORE_ENTRIES = ("before", "after", "tfidf", "tfidf_full_text", "tfidf_tuned", "tfidf_tuned_full_text")
+
+
+def _score_problems(section: str, scored) -> list[str]:
+    """What is wrong with a ledger's `task` or `test` section."""
+    if not isinstance(scored, dict) or not isinstance(scored.get("after"), dict):
+        return [f"{section}.after is required"]
+    problems = []
+    for when in SCORE_ENTRIES:
+        scores = scored.get(when)
+        if scores is None:
+            continue
+        if not isinstance(scores, dict) or not all(_is_number(scores.get(k)) for k in ("accuracy", "macro_f1")):
+            problems.append(f"{section}.{when} needs numeric accuracy and macro_f1")
+        elif (scores.get("ids") is None) != (scores.get("correct") is None) or (
+            scores.get("ids") is not None and len(scores["ids"]) != len(scores["correct"])
+        ):
+            problems.append(f"{section}.{when}: ids and correct must come together, one outcome per paper")
     return problems
 
 

@@ -86,9 +86,17 @@ class TrainConfig:
         str(ASSETS / "cs-train-sample.jsonl"),
         "training data: JSON/JSONL(.gz), Parquet, CSV, a datasets folder (save_to_disk) or a Hub dataset id",
     )
-    eval_file: str = option(str(ASSETS / "cs-validation-sample.jsonl"), "validation data (same kinds as --train-file)")
+    eval_file: str = option(
+        str(ASSETS / "cs-validation-sample.jsonl"),
+        "validation data: the only papers any choice is made on (best/, recipes); same kinds as --train-file",
+    )
+    test_file: str = option(
+        str(ASSETS / "cs-test-sample.jsonl"),
+        "test data: scored once, after training, and never used for a choice; empty = no test evaluation",
+    )
     train_split: str = option("train", "split of a Hub dataset or DatasetDict folder given as --train-file")
     eval_split: str = option("validation", "split of a Hub dataset or DatasetDict folder given as --eval-file")
+    test_split: str = option("test", "split of a Hub dataset or DatasetDict folder given as --test-file")
     title_field: str = option("title", "column holding the title")
     abstract_field: str = option("abstract", "column holding the abstract")
     label_field: str = option("categories", "column holding the label (a category, or a space-separated list: first)")
@@ -96,6 +104,7 @@ class TrainConfig:
     labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
     train_per_class: int = option(30, "use at most this many training papers per class (0 = all)")
     eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
+    test_per_class: int = option(10, "test on at most this many papers per class (0 = all)")
     template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)", tuple(TEMPLATES))
     max_seq_tokens: int = option(
         80,
@@ -144,14 +153,19 @@ class TrainConfig:
         "evaluate every N steps (or this fraction of the run if < 1) and keep best/ by macro-F1; 0 = off",
         aliases=("eval_steps",),
     )
-    tfidf_baseline: bool = option(True, "also fit TF-IDF + linear SVM on the same papers and text (seconds)")
+    tfidf_baseline: bool = option(
+        True, "also fit TF-IDF + linear SVM on the same papers: tuned (word+char, C by CV) and untuned, both texts"
+    )
     log_every_steps: int = option(5, "log the loss every N optimizer steps", aliases=("logging_steps",))
     report_to: str = option("none", "also log to trackers: tensorboard, wandb, mlflow, comma list, or none")
     run_name: str = option("", "name of the run in trackers and the ledger (default: the output folder's name)")
     probes: bool = option(True, "measure forgetting: WikiText-2 perplexity + general multiple choice, base vs tuned")
-    probe_windows: int = option(4, "forgetting probe: 512-token WikiText-2 windows")
-    probe_mc_items: int = option(70, "forgetting probe: multiple-choice items (spread over 7 tasks)")
-    probe_kl: bool = option(False, "forgetting probe: also KL(base || tuned) on the windows (adapters: no 2nd model)")
+    # The default probe is the cheap one (its intervals are printed); comparisons use 64 windows and all 800 items.
+    probe_windows: int = option(16, "forgetting probe: 512-token WikiText-2 windows, spread over the whole text")
+    probe_mc_items: int = option(140, "forgetting probe: multiple-choice items (spread over 7 tasks; 800 = all)")
+    probe_kl: bool = option(
+        True, "forgetting probe: KL(base || tuned) on the windows (adapters: the adapter off; full: a 2nd copy)"
+    )
     price_per_device_hour: float = option(0.0, "turns device-hours into money in the ledger (0 = not priced)")
     peak_tflops: float = option(0.0, "device peak TFLOP/s for MFU (0 = known GPUs only; CPUs have none)")
     output_dir: str = option("runs/default", "where the model/adapter, config, metrics and checkpoints go")
@@ -178,7 +192,8 @@ class TrainConfig:
     def __post_init__(self):
         _positive(self, "batch_size", "grad_accum_steps", "max_seq_tokens", "eval_batch_size", "epochs", "lr")
         _positive(self, "log_every_steps", "keep_checkpoints", "decision_weight")
-        _non_negative(self, "max_steps", "train_per_class", "eval_per_class", "weight_decay", "max_grad_norm")
+        _non_negative(self, "max_steps", "train_per_class", "eval_per_class", "test_per_class", "weight_decay")
+        _non_negative(self, "max_grad_norm")
         _non_negative(self, "price_per_device_hour", "peak_tflops", "cpu_threads", "expect_processes", "lora_layers")
         _non_negative(self, "checkpoint_every_steps", "eval_every_steps")
         if METHODS[self.method].adapter:
@@ -288,7 +303,10 @@ class BaselineConfig:
     )
     same_text_as: str = option("", "a train.py run folder: read each paper as its prompt shows it (--text llm)")
     classifier: str = option("svm", "linear SVM or logistic regression", ("svm", "logreg"))
-    c: float = option(1.0, "inverse regularisation strength C")
+    features: str = option(
+        "word+char", "TF-IDF features: word 1..ngram-max-grams, plus char_wb 2-5-grams", ("word+char", "word")
+    )
+    c: float = option(0.0, "inverse regularisation strength C; 0 = chosen by 5-fold CV on the training papers")
     ngram_max: int = option(2, "word n-grams from 1 to this")
     min_df: int = option(1, "drop terms seen in fewer training papers (2 halves the vocabulary and the time)")
     seed: int = option(0, "seed for the per-class sample and the solver")
@@ -296,7 +314,8 @@ class BaselineConfig:
 
     def __post_init__(self):
         _non_negative(self, "train_per_class", "eval_per_class")
-        _positive(self, "c", "ngram_max", "min_df")
+        _non_negative(self, "c")
+        _positive(self, "ngram_max", "min_df")
         if (self.text == "llm") != bool(self.same_text_as):
             raise ValueError("--text llm and --same-text-as RUN go together")
 

@@ -25,9 +25,9 @@ from accelerate import Accelerator, DistributedType
 from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 
+from arxiv_ft import baseline
 from arxiv_ft import checkpoints as ckpt
 from arxiv_ft import records as rec
-from arxiv_ft.baseline import fit_and_score
 from arxiv_ft.card import model_card, push_run
 from arxiv_ft.classifier import Classifier, evaluate
 from arxiv_ft.config import to_dict
@@ -62,7 +62,7 @@ from arxiv_ft.modeling import (
 from arxiv_ft.options import TrainConfig
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
-from arxiv_ft.sources import SourceError, to_records
+from arxiv_ft.sources import SourceError, load_test, to_records
 from arxiv_ft.sources import load_task as load_papers
 
 logger = logging.getLogger("arxiv_ft")
@@ -186,6 +186,7 @@ class Task:
     labels: list[str]
     train: object  # datasets.Dataset of the sampled training papers (sources.normalise's columns)
     eval_records: list[rec.Record]
+    test_records: list[rec.Record]  # scored once after training; never used for a choice
     source: ModelSource
     tokenizer: object
     prompt: PromptSpec
@@ -199,10 +200,12 @@ def load_task(cfg: TrainConfig, launch: Launch) -> Task:
     """Labels first, so an unknown label in the data fails before any model is loaded; then tokenise (cached)."""
     try:
         labels, train, evals = load_papers(cfg)
+        test = load_test(cfg, labels)
     except (SourceError, rec.RecordError, ValueError) as exc:
         raise SystemExit(str(exc)) from None
     if not evals:
         raise SystemExit(f"{cfg.eval_file}: no evaluation papers (with --eval-per-class {cfg.eval_per_class})")
+    check_test_unseen(cfg, test, evals, train)
     source = ModelSource(cfg.model, cfg.model_revision or None)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     resolve_chat_template(tokenizer, cfg.chat_template, cfg.model)
@@ -216,8 +219,26 @@ def load_task(cfg: TrainConfig, launch: Launch) -> Task:
     examples, stats, has_prefix = tokenize_dataset(builder, train, cache, launch.accelerator.main_process_first)
     if not len(examples):
         raise SystemExit(f"no trainable examples in {cfg.train_file}: {stats}")
-    launch.log(f"labels: {len(labels)}; train: {len(examples)} examples ({stats}); eval: {len(evals)} papers")
-    return Task(labels, train, evals, source, tokenizer, prompt, builder, examples, stats, has_prefix)
+    launch.log(
+        f"labels: {len(labels)}; train: {len(examples)} examples ({stats}); validation: {len(evals)} papers; "
+        f"test: {len(test)} papers"
+    )
+    return Task(labels, train, evals, test, source, tokenizer, prompt, builder, examples, stats, has_prefix)
+
+
+def check_test_unseen(cfg: TrainConfig, test: list[rec.Record], evals: list[rec.Record], train) -> None:
+    """A test paper that is also a validation or training paper would turn the test number into a selection (or
+    training) number: refused, naming one such paper."""
+    if not test:
+        return
+    test_ids = {r.id for r in test}
+    for name, ids in (("--eval-file", {r.id for r in evals}), ("--train-file", set(train["id"]))):
+        shared = sorted(test_ids & ids)
+        if shared:
+            raise SystemExit(
+                f"--test-file {cfg.test_file}: {len(shared)} test paper(s) are also in {name} (e.g. {shared[0]}); "
+                "test papers must take no part in training or selection"
+            )
 
 
 def pinned_chat_date(cfg: TrainConfig, launch: Launch) -> str:
@@ -382,8 +403,11 @@ def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable
     return result
 
 
-def run_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable, name: str) -> dict:
-    """Score the evaluation papers with the model as it is now; log accuracy and macro-F1; return the metrics."""
+def run_evaluation(
+    cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable, name: str, test: bool = False
+) -> dict:
+    """Score the validation papers (or with `test`, the test papers) with the model as it is now; log accuracy and
+    macro-F1; return the metrics."""
     acc = launch.accelerator
     model = acc.unwrap_model(trainable.model)
     was_training = model.training
@@ -394,7 +418,8 @@ def run_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trai
     try:
         classifier = Classifier(model, task.tokenizer, task.builder, head)
         with torch.no_grad():
-            result = evaluate(classifier, task.eval_records, acc, cfg.eval_mode, cfg.eval_batch_size)
+            records = task.test_records if test else task.eval_records
+            result = evaluate(classifier, records, acc, cfg.eval_mode, cfg.eval_batch_size)
     finally:
         model.train(was_training)
         if head is not None:
@@ -694,51 +719,84 @@ def probe_tuned(cfg, launch: Launch, task: Task, trainable: Trainable, base: dic
     if not cfg.probes:
         return None
 
-    tuned = run_probes(launch.accelerator.unwrap_model(trainable.model), task.tokenizer, probe_config(cfg))
+    model = launch.accelerator.unwrap_model(trainable.model)
+    # KL needs the base's next-token distributions: an adapter switched off is the base; full fine-tuning has
+    # changed every weight, so the base is loaded again (a second copy, for the probe only).
+    reference = None
+    if cfg.probe_kl and not hasattr(model, "disable_adapter"):
+        from arxiv_ft.modeling import load_model
+
+        reference = load_model(task.source, launch.dtype, cfg.trust_remote_code).to(launch.device)
+    tuned = run_probes(model, task.tokenizer, probe_config(cfg), base_model=reference)
+    del reference
     delta = forgetting_delta(base, tuned)
-    launch.log(
-        f"forgetting: WikiText-2 perplexity {delta['ppl_before']:.2f} -> {delta['ppl_after']:.2f}, "
-        f"multiple choice {delta['mc_before']:.3f} -> {delta['mc_after']:.3f}"
-    )
+    launch.log("forgetting: " + describe_forgetting(delta))
     return {"base": base, "tuned": tuned, "delta": delta}
+
+
+def describe_forgetting(delta: dict) -> str:
+    """One line: each forgetting figure with its 95% interval."""
+    ci = delta.get("ci95") or {}
+
+    def span(name, scale=1.0, digits=1):
+        low_high = ci.get(name)
+        return f" [{low_high[0] * scale:+.{digits}f}, {low_high[1] * scale:+.{digits}f}]" if low_high else ""
+
+    text = (
+        f"WikiText-2 perplexity {delta['ppl_before']:.2f} -> {delta['ppl_after']:.2f} "
+        f"({delta['ppl_change_pct']:+.1f}%{span('ppl_change_pct')}, {delta['ppl_tokens']:,} tokens); "
+        f"multiple choice {delta['mc_before']:.3f} -> {delta['mc_after']:.3f} "
+        f"({100 * delta['mc_delta']:+.1f} pp{span('mc_delta', 100)}, {delta['mc_items']} items)"
+    )
+    if delta.get("kl") is not None:
+        low_high = ci.get("kl")
+        text += f"; KL(base || tuned) {delta['kl']:.4f} nats/token" + (
+            f" [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
+        )
+    return text
 
 
 # -------------------------------------------------------------------------------------------- baselines
 
 
 def tfidf_rows(cfg: TrainConfig, launch: Launch, task: Task) -> dict | None:
-    """TF-IDF + linear SVM on the same training papers, reading the text the LLM's prompt holds and the full
-    abstract: the bar the fine-tune must clear, measured in the run itself (a few seconds)."""
+    """TF-IDF + linear SVM on the same training papers, tuned (C by cross-validation on them) and untuned, reading
+    the text the LLM's prompt holds and the full abstract: the bar the fine-tune must clear, measured in the run
+    itself, on the validation and the test papers ({"validation": rows, "test": rows})."""
     if not cfg.tfidf_baseline:
         return None
 
     train = to_records(task.train)
-    seen = {r.id: task.builder.visible_text(r) for r in train + task.eval_records}
-    rows = {
-        "llm_text": fit_and_score(train, task.eval_records, task.labels, lambda r: seen[r.id]),
-        "full_text": fit_and_score(train, task.eval_records, task.labels),
-    }
-    launch.log(
-        f"TF-IDF + linear SVM on the same {len(train)} papers: accuracy "
-        f"{rows['llm_text']['accuracy']:.4f} reading the prompt's text, {rows['full_text']['accuracy']:.4f} the "
-        "full abstract"
-    )
+    seen = {r.id: task.builder.visible_text(r) for r in train + task.eval_records + task.test_records}
+    sets = {"validation": task.eval_records} | ({"test": task.test_records} if task.test_records else {})
+    rows = baseline.tfidf_rows(train, sets, task.labels, lambda r: seen[r.id])
+    for name, scored in rows.items():
+        launch.log(
+            f"[{name}] TF-IDF on the same {len(train)} papers: tuned {scored['tuned_llm_text']['accuracy']:.4f} "
+            f"reading the prompt's text, {scored['tuned_full_text']['accuracy']:.4f} the full abstract; untuned "
+            f"{scored['llm_text']['accuracy']:.4f} / {scored['full_text']['accuracy']:.4f}"
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------- the run folder
 
 
-def collect_metrics(cfg, launch, task, trainable, state: TrainState, before, after, tfidf, forgetting, started):
-    """Everything measured, as metrics.json holds it."""
+def collect_metrics(cfg, launch, task, trainable, state: TrainState, scored: dict, forgetting, started):
+    """Everything measured, as metrics.json holds it. `scored`: "before", "after" (validation), "test" (the test
+    papers' scores, or None) and "tfidf" ({"validation": rows, "test": rows}, or None)."""
     tokens_seen = state.tokens_seen
+    tfidf = scored["tfidf"] or {}
     return {
         "labels": task.labels,
         "n_train_examples": len(task.examples),
         "tokenize": task.tokenize_stats,
-        "before": before,
-        "after": after,
-        "tfidf": tfidf,
+        "before": scored["before"],
+        "after": scored["after"],
+        "tfidf": tfidf.get("validation"),
+        "test": {"after": scored["test"], "tfidf": tfidf.get("test"), "n": len(task.test_records)}
+        if scored["test"] is not None
+        else None,
         "forgetting": forgetting,
         "train": {
             "steps": state.step,
@@ -799,16 +857,20 @@ def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
         data={
             "train_file": cfg.train_file,
             "eval_file": cfg.eval_file,
+            "test_file": cfg.test_file or None,
+            "n_test": len(task.test_records),
             "n_train": len(task.examples),
             "n_eval": len(task.eval_records),
             "labels": task.labels,
         },
         task={
-            "before": scores((metrics["before"] or {}).get("score")),
-            "after": scores((metrics["after"] or {}).get("score")),
-            "tfidf": scores((metrics["tfidf"] or {}).get("llm_text")),
-            "tfidf_full_text": scores((metrics["tfidf"] or {}).get("full_text")),
+            "before": scores(scored_as(metrics["before"])),
+            "after": scores(scored_as(metrics["after"])),
+            **tfidf_scores(metrics["tfidf"]),
         },
+        test=None
+        if metrics["test"] is None
+        else {"after": scores(scored_as(metrics["test"]["after"])), **tfidf_scores(metrics["test"]["tfidf"])},
         forgetting=metrics["forgetting"],
         cost=cost,
         train={"loss_curve": metrics["train"]["loss_curve"], "steps": metrics["train"]["steps"]},
@@ -818,6 +880,25 @@ def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
         run_name=cfg.run_name or Path(cfg.output_dir).name,
     )
     ledger.write(Path(cfg.output_dir) / "ledger.json")
+
+
+def scored_as(result: dict | None) -> dict | None:
+    """An evaluation's label-scoring result, or its generation result under --eval-mode generate."""
+    result = result or {}
+    return result.get("score") or result.get("generate")
+
+
+def tfidf_scores(rows: dict | None) -> dict:
+    """A run's TF-IDF rows as ledger task entries (tfidf = untuned on the prompt's text, as in ledger version 1)."""
+    rows = rows or {}
+    names = {"tfidf": "llm_text", "tfidf_full_text": "full_text"}
+    names |= {"tfidf_tuned": "tuned_llm_text", "tfidf_tuned_full_text": "tuned_full_text"}
+    return {entry: scores(rows.get(row)) for entry, row in names.items()}
+
+
+def run_test(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> dict | None:
+    """The final model on the test papers (none without --test-file): scored once, never used for a choice."""
+    return run_evaluation(cfg, launch, task, trainable, "test", test=True) if task.test_records else None
 
 
 def finish(cfg: TrainConfig, launch: Launch, metrics: dict) -> None:

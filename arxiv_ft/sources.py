@@ -204,3 +204,16 @@ def load_task(cfg):
     check_labels(train, labels, cfg.train_file)
     check_labels(evals, labels, cfg.eval_file)
     return labels, sample(train, cfg.train_per_class, cfg.seed), to_records(sample(evals, cfg.eval_per_class, 0))
+
+
+def load_test(cfg, labels: list[str]) -> list:
+    """The test records of a train config (none without --test-file), sampled per class with seed 0 like evaluation.
+
+    A test paper that is also a validation or training paper would make the test number a selection number: refused
+    by the caller, which knows those papers."""
+    if not cfg.test_file:
+        return []
+    fields = Fields.of(cfg)
+    test = load_split(cfg.test_file, cfg.test_split, fields)
+    check_labels(test, labels, cfg.test_file)
+    return to_records(sample(test, cfg.test_per_class, 0))

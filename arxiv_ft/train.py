@@ -76,9 +76,12 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
         stop_if_asked()
         after = ph.run_evaluation(cfg, launch, task, trainable, "fine-tuned")
         stop_if_asked()
+        test = ph.run_test(cfg, launch, task, trainable)
+        stop_if_asked()
         forgetting = ph.probe_tuned(cfg, launch, task, trainable, probes_base)
         stop_if_asked()
-        metrics = ph.collect_metrics(cfg, launch, task, trainable, state, before, after, tfidf, forgetting, started)
+        scored = {"before": before, "after": after, "test": test, "tfidf": tfidf}
+        metrics = ph.collect_metrics(cfg, launch, task, trainable, state, scored, forgetting, started)
         ph.save_run(cfg, launch, task, trainable, setup, metrics)
         ph.write_ledger(cfg, launch, task, metrics)
         ph.finish(cfg, launch, metrics)

@@ -15,8 +15,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "arxiv_ft" / "assets"
 # A short train.py run on the tiny model: 2 papers a class, one epoch (the default is 2) of batches of 6, so tests
-# can count its steps; one evaluation paper a class in one batch.
-FAST_TRAIN = ["--epochs", "1", "--train-per-class", "2", "--eval-per-class", "1", "--batch-size", "6"]
+# can count its steps; one validation and one test paper a class, each in one batch.
+FAST_TRAIN = [
+    "--epochs",
+    "1",
+    "--train-per-class",
+    "2",
+    "--eval-per-class",
+    "1",
+    "--test-per-class",
+    "1",
+    "--batch-size",
+    "6",
+]
 FAST_TRAIN += ["--max-seq-tokens", "160", "--log-every-steps", "100", "--eval-batch-size", "21"]
 
 

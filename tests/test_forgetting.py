@@ -61,7 +61,10 @@ def test_delta_refuses_different_probe_configs(tiny, tokenizer):
 
 def test_perplexity_matches_a_direct_forward(tiny, tokenizer, text):
     probe = fg.perplexity(tiny, tokenizer, text, window_tokens=128, n_windows=3, batch_size=2)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: 3 * 128]).view(3, 128)
+    all_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stride = len(all_ids) // 3  # three windows spread over the whole text, not the first 384 tokens
+    assert stride > 128
+    ids = torch.tensor([all_ids[i * stride : i * stride + 128] for i in range(3)])
     with torch.no_grad():
         loss = tiny(input_ids=ids, labels=ids).loss  # HF shifts the labels and averages over the 3 x 127 targets
     assert probe["tokens"] == 3 * 127 and probe["windows"] == 3

@@ -1,6 +1,11 @@
-"""Rebuild the real-data samples shipped in arxiv_ft/assets/ from the full splits (run once; output is committed).
+"""Rebuild the real-data samples shipped in arxiv_ft/assets/ and data/ from the full splits (run once; output is
+committed).
 
 python tools/make_assets.py --shared ../shared/data
+
+The shared validation split (the newest 50 papers of each class) is cut in two by hashed id: 20 a class are the
+validation papers (every choice is made on them), the other 30 a class the test papers (final numbers only). Both
+are newer than every training paper of their class; test is not newer than validation.
 """
 
 import argparse
@@ -10,6 +15,7 @@ from pathlib import Path
 from arxiv_ft.records import per_class_sample, read_records, write_records
 
 ASSETS = Path(__file__).resolve().parent.parent / "arxiv_ft" / "assets"
+DATA = ASSETS.parent.parent / "data"
 
 
 def main() -> None:
@@ -20,9 +26,15 @@ def main() -> None:
     args = parser.parse_args()
     splits = Path(args.shared) / "arxiv" / "splits"
     train = per_class_sample(list(read_records(splits / "cs-train.jsonl")), args.train_per_class, seed=0)
-    valid = per_class_sample(list(read_records(splits / "cs-validation.jsonl")), args.validation_per_class, seed=0)
+    newest = list(read_records(splits / "cs-validation.jsonl"))
+    valid = per_class_sample(newest, args.validation_per_class, seed=0)
+    chosen = {r.id for r in valid}
+    test = sorted((r for r in newest if r.id not in chosen), key=lambda r: (r.primary, r.id))
     print("train", write_records(train, ASSETS / "cs-train-sample.jsonl"))
     print("validation", write_records(valid, ASSETS / "cs-validation-sample.jsonl"))
+    print("test", write_records(test, ASSETS / "cs-test-sample.jsonl"))
+    print("data/validation", write_records(valid, DATA / "cs-validation.jsonl.gz"))
+    print("data/test", write_records(test, DATA / "cs-test.jsonl.gz"))
     shutil.copy(splits / "cs-labels.txt", ASSETS / "cs-labels.txt")
     general = Path(args.shared) / "general"
     for name in ("wikitext2_raw_test.txt", "probe_mix_800.jsonl"):

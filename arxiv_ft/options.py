@@ -329,7 +329,12 @@ class ReportConfig:
     currency: str = option("USD", "unit of that price")
     cost_axis: str = option("auto", "x axis of the cost plot", ("auto", "device_hours", "wall_seconds"))
     skip_invalid: bool = option(False, "leave out invalid ledgers instead of failing")
-    bootstrap_samples: int = option(2000, "paired bootstrap resamples of the evaluation papers per comparison")
+    bootstrap_samples: int = option(2000, "hierarchical bootstrap resamples (seeds, then papers) per comparison")
+    split: str = option(
+        "auto",
+        "scores of the test papers, of the validation papers, or test where every ledger has it",
+        ("auto", "test", "validation"),
+    )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,11 @@
 Each argument is a ledger file or a folder searched for `ledger.json` files. Writes `report.md` (one row per run,
 one row per method with mean ± std over seeds, and a legend), `summary.json` (the same numbers), and three plots:
 `accuracy_vs_cost.png`, `gain_vs_forgetting.png`, `loss_curves.png`.
+
+Scores come from the test papers when every fine-tuning ledger has them (`--split auto`), else from the validation
+papers, and the report says which. The tuned TF-IDF baseline each run fitted on its own training papers becomes a
+row of its own, seed for seed. Differences between groups get a hierarchical bootstrap over seeds and papers
+(`arxiv_ft.stats`), Holm-corrected over the report's comparisons.
 """
 
 from __future__ import annotations
@@ -90,9 +95,58 @@ def group_key(ledger: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def run_row(ledger: dict, price_per_device_hour: float | None = None) -> dict:
+def scored_section(ledger: dict, split: str) -> dict:
+    """The ledger's scores on `split`: its test section, or its (validation) task section."""
+    return ledger["task"] if split == "validation" else (ledger.get("test") or {})
+
+
+def choose_split(ledgers: list[dict], split: str) -> str:
+    """`auto`: test where every ledger has test scores, else validation; an explicit split must be in every ledger."""
+    has_test = all(d.get("test") for d in ledgers)
+    if split == "auto":
+        return "test" if has_test else "validation"
+    if split == "test" and not has_test:
+        missing = [d["run_id"] for d in ledgers if not d.get("test")]
+        raise LedgerError(f"--split test: {len(missing)} ledger(s) hold no test scores (e.g. {missing[0]})")
+    return split
+
+
+# A run's own tuned TF-IDF fits become rows of their own (same training papers, same seed, same evaluation papers).
+IN_RUN_BASELINES = {
+    "tfidf_tuned": "TF-IDF tuned (word+char, C by CV), LLM's text",
+    "tfidf_tuned_full_text": "TF-IDF tuned (word+char, C by CV), full abstract",
+}
+
+
+def in_run_baseline_rows(ledger: dict, split: str) -> list[dict]:
+    """Rows for the tuned TF-IDF fits a train run made on its own papers (grouped across seeds by the run's group)."""
+    rows = []
+    for entry, label in IN_RUN_BASELINES.items():
+        scores = scored_section(ledger, split).get(entry)
+        if not scores:
+            continue
+        row = {key: None for key in _ROW_KEYS}
+        row |= {
+            "run_id": f"{ledger['run_id']}:{entry}",
+            "method": "tfidf-svm",
+            "seed": ledger["seed"],
+            "model": label,
+            "group": hashlib.sha256((group_key(ledger) + entry).encode()).hexdigest()[:8],
+            "n_train": ledger["data"]["n_train"],
+            "n_eval": scores["n"],
+            "acc_after": scores["accuracy"],
+            "f1_after": scores["macro_f1"],
+            "loss_curve": [],
+            "outcomes": dict(zip(scores["ids"], scores["correct"])) if scores.get("ids") is not None else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def run_row(ledger: dict, price_per_device_hour: float | None = None, split: str = "validation") -> dict:
     """One run's figures, flat; None where the ledger has none (a baseline has no forgetting or device cost)."""
-    before, after = ledger["task"].get("before"), ledger["task"]["after"]
+    section = scored_section(ledger, split)
+    before, after = section.get("before"), section["after"]
     delta = (ledger["forgetting"] or {}).get("delta") or {}
     tuned_mc = ((ledger["forgetting"] or {}).get("tuned") or {}).get("multiple_choice") or {}
     cost = ledger["cost"] or {}
@@ -107,7 +161,7 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None) -> dict:
         "model": ledger["model"],
         "group": group_key(ledger),
         "n_train": ledger["data"]["n_train"],
-        "n_eval": ledger["data"]["n_eval"],
+        "n_eval": after.get("n", ledger["data"]["n_eval"]),
         "acc_before": before["accuracy"] if before else None,
         "acc_after": after["accuracy"],
         "f1_before": before["macro_f1"] if before else None,
@@ -137,11 +191,20 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None) -> dict:
     }
     row["acc_gain"] = _diff(row["acc_after"], row["acc_before"])
     row["f1_gain"] = _diff(row["f1_after"], row["f1_before"])
-    tfidf = ledger["task"].get("tfidf")
+    tfidf = section.get("tfidf_tuned") or section.get("tfidf")
     row["tfidf_acc"] = tfidf["accuracy"] if tfidf else None
     # Per-paper outcomes (when the ledger has them): what the paired bootstrap resamples.
     row["outcomes"] = dict(zip(after["ids"], after["correct"])) if after.get("ids") is not None else None
     return row
+
+
+_ROW_KEYS = (
+    *("run_id", "method", "seed", "model", "group", "n_train", "n_eval", "acc_before", "acc_after", "f1_before"),
+    *("f1_after", "ppl_before", "ppl_after", "ppl_delta", "ppl_ratio", "mc_before", "mc_after", "mc_delta"),
+    *("mc_items", "mc_items_lost", "mc_items_gained", "kl", "wall_seconds", "train_seconds", "device_type"),
+    *("device_count", "device_hours", "tokens_per_second", "mfu", "peak_memory_bytes", "trainable_parameters"),
+    *("cost", "loss_curve", "acc_gain", "f1_gain", "tfidf_acc", "outcomes"),
+)
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None, int]:
@@ -184,14 +247,16 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def compare_groups(rows: list[dict], groups: list[dict], samples: int = 2000, seed: int = 0) -> list[dict]:
-    """Every pair of groups evaluated on the same papers: the accuracy difference, its paired bootstrap 95%
-    interval and p-value over the evaluation papers, and the seed spread of each side.
+    """Every pair of groups evaluated on the same papers: the accuracy difference, its 95% interval and p-value from
+    a hierarchical bootstrap (seeds within each side, then the shared papers), Holm-adjusted over all pairs, and the
+    smallest difference the design could detect.
 
-    Per paper, each side's outcome is the mean over its seeds; the bootstrap resamples papers (with replacement)
-    and recomputes the difference of means. A difference is called significant when the interval excludes 0 and,
-    where both sides have several seeds, the difference exceeds their combined seed standard deviation.
+    A difference is called significant only when both sides have at least two seeds (else the seed variance is
+    unknown) and the Holm-adjusted p-value is below 0.05 (the corrected interval excludes 0).
     """
     import numpy as np
+
+    from arxiv_ft.stats import hierarchical_bootstrap, holm, minimum_detectable_effect
 
     by_group: dict[str, list[dict]] = {}
     for row in rows:
@@ -207,38 +272,45 @@ def compare_groups(rows: list[dict], groups: list[dict], samples: int = 2000, se
             if len(papers) < 10:
                 continue
             ids = sorted(papers)
-            mean_a = np.mean([[r["outcomes"][p] for p in ids] for r in runs_a], axis=0)
-            mean_b = np.mean([[r["outcomes"][p] for p in ids] for r in runs_b], axis=0)
-            diff = mean_a - mean_b
-            boot = diff[rng.integers(0, len(ids), size=(samples, len(ids)))].mean(axis=1)
-            low, high = np.percentile(boot, [2.5, 97.5])
-            p_value = min(1.0, 2 * min(float((boot <= 0).mean()), float((boot >= 0).mean())))
+            outcomes_a = np.array([[r["outcomes"][p] for p in ids] for r in runs_a])
+            outcomes_b = np.array([[r["outcomes"][p] for p in ids] for r in runs_b])
+            test = hierarchical_bootstrap(outcomes_a, outcomes_b, samples, int(rng.integers(2**31)))
             sd_a, sd_b = a["acc_after"]["std"], b["acc_after"]["std"]
-            seed_sd = math.hypot(sd_a, sd_b) if sd_a is not None and sd_b is not None else None
-            significant = (low > 0 or high < 0) and (seed_sd is None or abs(diff.mean()) > seed_sd)
+            seed_sd = math.hypot(sd_a or 0.0, sd_b or 0.0) if sd_a is not None or sd_b is not None else None
             out.append(
                 {
                     "a": a["label"],
                     "b": b["label"],
                     "papers": len(ids),
-                    "seeds": [len(runs_a), len(runs_b)],
-                    "difference": float(diff.mean()),
-                    "ci95": [float(low), float(high)],
-                    "p_value": p_value,
+                    "seeds": test["seeds"],
+                    "difference": test["difference"],
+                    "ci95": list(test["ci95"]),
+                    "p_value": test["p_value"],
+                    "se": test["se"],
                     "seed_sd": seed_sd,
-                    "significant": bool(significant),
+                    "seeds_counted": test["seeds_counted"],
                 }
             )
+    adjusted = holm([c["p_value"] for c in out])
+    for c, p_holm in zip(out, adjusted):
+        c["p_holm"] = p_holm
+        # The smallest effect found at the strictest level Holm may apply (Bonferroni's 0.05 / comparisons).
+        c["mde"] = minimum_detectable_effect(c["se"], alpha=0.05 / len(out))
+        c["significant"] = bool(c["seeds_counted"] and p_holm < 0.05)
     return out
 
 
 def significance_table(comparisons: list[dict]) -> str:
     """The comparisons as a Markdown table with a one-line verdict each."""
-    header = ["A", "B", "papers", "seeds (A, B)", "acc A − B", "95% CI (paired bootstrap)", "p", "seed sd", "verdict"]
+    header = ["A", "B", "papers", "seeds (A, B)", "acc A − B", "95% CI (seeds × papers)", "p", "p (Holm)", "verdict"]
     body = []
     for c in comparisons:
-        verdict = "A better" if c["difference"] > 0 else "B better"
-        verdict = verdict if c["significant"] else "no significant difference"
+        if c["significant"]:
+            verdict = "A better" if c["difference"] > 0 else "B better"
+        elif not c.get("seeds_counted", True):
+            verdict = "no verdict: one seed on a side"
+        else:
+            verdict = f"no difference detected (would detect ±{100 * c['mde']:.1f} pp)"
         body.append(
             [
                 c["a"],
@@ -248,7 +320,7 @@ def significance_table(comparisons: list[dict]) -> str:
                 _pct(c["difference"], signed=True),
                 f"[{_pct(c['ci95'][0], signed=True)}, {_pct(c['ci95'][1], signed=True)}]",
                 f"{c['p_value']:.3f}",
-                _pct(c["seed_sd"]) if c["seed_sd"] is not None else DASH,
+                f"{c['p_holm']:.3f}",
                 verdict,
             ]
         )
@@ -452,24 +524,32 @@ def render_markdown(
     plots: list[str],
     sources: list[dict],
     comparisons: list[dict] | None = None,
+    split: str = "validation",
 ) -> str:
     """The whole report.md text."""
     significance = []
     if comparisons:
         significance = [
-            "## Are the differences real? (paired bootstrap over the evaluation papers, and the seed spread)",
+            "## Are the differences real? (hierarchical bootstrap over seeds and papers, Holm-corrected)",
             "",
             significance_table(comparisons),
             "",
-            "Each side's per-paper outcome is its mean over seeds; the interval resamples the evaluation papers "
-            "(with replacement). *Significant* needs the interval to exclude 0 and, with several seeds on both "
-            "sides, the difference to exceed their combined seed standard deviation.",
+            "Each resample draws each side's seeds with replacement, then the shared evaluation papers with "
+            "replacement (paired), and recomputes the difference of mean accuracies: the interval counts both "
+            "sources of variance. p-values are two-sided bootstrap p-values; *p (Holm)* corrects them for the "
+            f"{len(comparisons)} comparisons of this report. A side is called better only with at least two seeds "
+            "on each side and a Holm-adjusted p below 0.05; otherwise the verdict gives the smallest difference "
+            "this design would detect (80% power at the Bonferroni level 0.05 / comparisons).",
             "",
         ]
+    split_line = {
+        "test": "Scores are on the **test** papers (no choice was made on them).",
+        "validation": "Scores are on the **validation** papers (the papers choices were made on: not a final number).",
+    }[split]
     parts = [
         "# Fine-tuning report: task gain, forgetting, cost",
         "",
-        f"{len(rows)} runs from {len(sources)} ledger files.",
+        f"{len(rows)} runs from {len(sources)} ledger files. {split_line}",
         "",
         "## By method (mean ± std over seeds)",
         "",
@@ -629,6 +709,7 @@ def build_report(
     cost_axis: str = "auto",
     skip_invalid: bool = False,
     bootstrap_samples: int = 2000,
+    split: str = "auto",
 ) -> dict:
     """Read the ledgers, write report.md, summary.json and the plots into `out_dir`; returns the summary."""
     import matplotlib
@@ -651,10 +732,10 @@ def build_report(
     if not ledgers:
         raise LedgerError(f"no valid ledger among {', '.join(map(str, paths))}")
     order = method_order()
-    rows = sorted(
-        (run_row(d, price_per_device_hour) for d in ledgers),
-        key=lambda r: (order.get(r["method"], len(order)), r["group"], r["seed"], r["run_id"]),
-    )
+    split = choose_split(ledgers, split)
+    made = [run_row(d, price_per_device_hour, split) for d in ledgers]
+    made += [row for d in ledgers for row in in_run_baseline_rows(d, split)]
+    rows = sorted(made, key=lambda r: (order.get(r["method"], len(order)), r["group"], r["seed"], r["run_id"]))
     groups = aggregate(rows)
     with tqdm(total=4, desc="report", unit="part", leave=False) as bar:
         comparisons = compare_groups(rows, groups, bootstrap_samples)
@@ -665,7 +746,7 @@ def build_report(
         bar.update()
         plots.append(plot_loss_curves(rows, out / "loss_curves.png"))
         bar.update()
-    markdown = render_markdown(rows, groups, currency, plots, sources, comparisons)
+    markdown = render_markdown(rows, groups, currency, plots, sources, comparisons, split)
     (out / "report.md").write_text(markdown, encoding="utf-8")
     summary = {
         "ledger_version": LEDGER_VERSION,
@@ -673,6 +754,7 @@ def build_report(
         "skipped": skipped,
         "price_per_device_hour": price_per_device_hour,
         "currency": currency,
+        "split": split,
         "runs": [{k: v for k, v in r.items() if k not in ("loss_curve", "outcomes")} for r in rows],
         "groups": groups,
         "comparisons": comparisons,
@@ -696,6 +778,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
             cfg.cost_axis,
             cfg.skip_invalid,
             cfg.bootstrap_samples,
+            cfg.split,
         )
     except (LedgerError, FileNotFoundError) as exc:
         raise SystemExit(f"arxiv-ft report: error: {exc}") from None

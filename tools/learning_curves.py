@@ -49,6 +49,12 @@ def _train_tokens(texts: list[str], tokenizer) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
+def _relative(path: str) -> str:
+    """A path inside this repository as a repository-relative path (the committed files name no machine's paths)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def collect(runs: Path) -> list[dict]:
     """One row per run: papers a class, seed, the LLM's and both TF-IDF scores, training tokens."""
     rows = []
@@ -65,6 +71,8 @@ def collect(runs: Path) -> list[dict]:
                 "tfidf_full_text": {k: m["tfidf"]["full_text"][k] for k in ("accuracy", "macro_f1")},
                 "llm_tokens": m["train"]["tokens_seen"],
                 "run": str(path.parent),
+                # The papers the run's choices were made on (best/, recipes): never the test split.
+                "eval_file": _relative(json.loads((path.parent / "train_config.json").read_text())["eval_file"]),
             }
         )
     return rows

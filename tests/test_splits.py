@@ -1,0 +1,72 @@
+"""The test split is what it claims to be: disjoint from every paper anything learned from or was chosen on, and no
+committed result was produced with it as its selection set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from arxiv_ft.records import read_records
+from tests.conftest import ASSETS, ROOT
+
+TEST_FILES = ("cs-test-sample.jsonl", "cs-test.jsonl.gz")
+
+
+@pytest.fixture(scope="module")
+def test_ids() -> set[str]:
+    ids = {r.id for r in read_records(ASSETS / "cs-test-sample.jsonl")}
+    assert ids == {r.id for r in read_records(ROOT / "data" / "cs-test.jsonl.gz")}
+    return ids
+
+
+def test_test_papers_are_disjoint_from_training_and_validation(test_ids):
+    assert len(test_ids) == 630
+    for name in ("cs-train-sample.jsonl", "cs-validation-sample.jsonl"):
+        assert not test_ids & {r.id for r in read_records(ASSETS / name)}, name
+    for name in ("cs-train.jsonl.gz", "cs-validation.jsonl.gz"):
+        assert not test_ids & {r.id for r in read_records(ROOT / "data" / name)}, name
+
+
+def _names_test_file(path) -> bool:
+    return bool(path) and Path(path).name in TEST_FILES
+
+
+def _selection_problems(result: dict, test_ids: set[str]) -> list[str]:
+    """How a committed result file used the test papers as its selection set (empty: it did not)."""
+    # A ledger: `task` holds what choices were made on (validation); its `test` section is the final number.
+    if "ledger_version" in result and "task" in result:
+        problems = [] if not _names_test_file(result["data"].get("eval_file")) else ["eval_file is the test split"]
+        for entry, scores in result["task"].items():
+            if scores and test_ids & set(scores.get("ids") or []):
+                problems.append(f"task.{entry} scores test papers")
+        return problems
+    if "sources" in result and "runs" in result:  # a report summary: checked through its ledgers
+        return [
+            f"source {s['path']} is not a committed ledger" for s in result["sources"] if not Path(s["path"]).is_file()
+        ]
+    if "runs" in result and "tfidf_whole_split" in result:  # the learning curves
+        missing = [r["run"] for r in result["runs"] if "eval_file" not in r]
+        used = [r["run"] for r in result["runs"] if _names_test_file(r.get("eval_file"))]
+        return [f"{run}: no eval_file recorded" for run in missing] + [f"{run}: selected on test" for run in used]
+    return ["unknown result file: it must say which papers it was selected on"]
+
+
+def test_no_committed_result_was_selected_on_the_test_papers(test_ids, monkeypatch):
+    monkeypatch.chdir(ROOT)  # report summaries name their ledgers relative to the repository
+    files = sorted((ROOT / "docs" / "results").rglob("*.json"))
+    assert files, "no committed results found"
+    problems = {}
+    for path in files:
+        found = _selection_problems(json.loads(path.read_text()), test_ids)
+        if found:
+            problems[str(path.relative_to(ROOT))] = found
+    assert not problems
+
+
+def test_the_check_catches_a_ledger_selected_on_test(test_ids):
+    ledger = json.loads(next((ROOT / "docs" / "results").rglob("ledgers/*.json")).read_text())
+    ledger["data"]["eval_file"] = "arxiv_ft/assets/cs-test-sample.jsonl"
+    ledger["task"]["after"]["ids"] = sorted(test_ids)[:3]
+    assert len(_selection_problems(ledger, test_ids)) == 2

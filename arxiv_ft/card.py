@@ -1,7 +1,9 @@
 """The model card every run folder carries (README.md, a `huggingface_hub.ModelCard`), and the upload to the Hub.
 
 The card says what someone receiving the folder needs: the base model by Hub id, the label set and prompt, accuracy
-and macro-F1 before and after (and TF-IDF on the same papers), forgetting, cost, and the command that made it.
+and macro-F1 on the test papers (the final number) and on the validation papers (what choices were made on), beside
+TF-IDF fitted on the same training papers (tuned and untuned), forgetting with its intervals, cost, and the command
+that made it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,40 @@ def _row(name: str, scores: dict | None) -> str:
     return f"| {name} | {_pct(scores['accuracy'])} | {_pct(scores['macro_f1'])} |"
 
 
+def _score(result: dict | None) -> dict | None:
+    result = result or {}
+    return result.get("score") or result.get("generate")
+
+
+def results_table(metrics: dict, n_test: int, n_validation: int) -> list[str]:
+    """Test (final) and validation (selection) scores of the fine-tune and of TF-IDF on the same training papers."""
+    test = metrics.get("test") or {}
+    sets = {"validation": (metrics.get("after"), metrics.get("tfidf") or {}, n_validation)}
+    if test:
+        sets = {"test": (test.get("after"), test.get("tfidf") or {}, n_test)} | sets
+    header = " | ".join(f"{name} accuracy ({n} papers) | {name} macro-F1" for name, (_, _, n) in sets.items())
+    lines = [f"| model | {header} |", "|---|" + "---|---|" * len(sets)]
+
+    def row(name, pick):
+        cells = []
+        for split, (after, tfidf, _) in sets.items():
+            scores = pick(split, after, tfidf)
+            cells += [_pct(scores["accuracy"]), _pct(scores["macro_f1"])] if scores else ["—", "—"]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    zero_shot = _score(metrics.get("before"))
+    lines.append(row("base model, zero-shot", lambda split, a, t: zero_shot if split == "validation" else None))
+    lines.append(row("**this fine-tune**", lambda split, a, t: _score(a)))
+    names = {
+        "tuned_llm_text": "TF-IDF word+char, C by CV on the training papers, the text the LLM reads",
+        "tuned_full_text": "TF-IDF word+char, C by CV on the training papers, full abstract",
+        "llm_text": "TF-IDF word 1-2-grams, C=1 (untuned), the text the LLM reads",
+        "full_text": "TF-IDF word 1-2-grams, C=1 (untuned), full abstract",
+    }
+    lines += [row(label, lambda split, a, t, key=key: t.get(key)) for key, label in names.items()]
+    return lines
+
+
 def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
     """The README.md text of a run folder (YAML metadata + markdown)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -32,17 +68,11 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
         tags=["arxiv-ft", "arxiv", "text-classification", cfg.method],
         license=None,
     )
-    score = lambda when: (metrics.get(when) or {}).get("score")  # noqa: E731
-    tfidf = metrics.get("tfidf") or {}
+    from arxiv_ft.forgetting import describe_forgetting
+
     delta = (metrics.get("forgetting") or {}).get("delta")
     cost = metrics["cost"]
-    forgetting = (
-        f"WikiText-2 perplexity {delta['ppl_before']:.2f} → {delta['ppl_after']:.2f}; general multiple choice "
-        f"{_pct(delta['mc_before'])} → {_pct(delta['mc_after'])} ({delta['mc_items_lost']} items lost, "
-        f"{delta['mc_items_gained']} gained)"
-        if delta
-        else "not measured (--probes false)"
-    )
+    forgetting = describe_forgetting(delta) + " (95% intervals)" if delta else "not measured (--probes false)"
     device = f"{cost['device_count']} × {cost['device_type']}"
     lines = [
         f"# arXiv primary-category classifier ({cfg.method} on {hub_id or base.get('name')})",
@@ -72,14 +102,9 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
         f"- objective: {cfg.objective}; {cfg.epochs:g} epoch(s), {metrics['train']['steps']} steps, batch "
         f"{cfg.batch_size}×{cfg.grad_accum_steps}, lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed}",
         "",
-        "## Results (evaluation papers)",
+        "## Results",
         "",
-        "| model | accuracy | macro-F1 |",
-        "|---|---|---|",
-        _row("base model, zero-shot", score("before")),
-        _row("this fine-tune", score("after")),
-        _row("TF-IDF + linear SVM, same papers, same text", tfidf.get("llm_text")),
-        _row("TF-IDF + linear SVM, same papers, full abstract", tfidf.get("full_text")),
+        *results_table(metrics, len(task.test_records), len(task.eval_records)),
         "",
         f"Forgetting: {forgetting}.",
         "",

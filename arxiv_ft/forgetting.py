@@ -440,3 +440,25 @@ def forgetting_delta(base: dict, tuned: dict) -> dict:
         "mc_items": mb["n"],
         "ppl_tokens": pt["tokens"],
     }
+
+
+def describe_forgetting(delta: dict) -> str:
+    """One line: each forgetting figure with its 95% interval."""
+    ci = delta.get("ci95") or {}
+
+    def span(name, scale=1.0, digits=1):
+        low_high = ci.get(name)
+        return f" [{low_high[0] * scale:+.{digits}f}, {low_high[1] * scale:+.{digits}f}]" if low_high else ""
+
+    text = (
+        f"WikiText-2 perplexity {delta['ppl_before']:.2f} -> {delta['ppl_after']:.2f} "
+        f"({delta['ppl_change_pct']:+.1f}%{span('ppl_change_pct')}, {delta['ppl_tokens']:,} tokens); "
+        f"multiple choice {delta['mc_before']:.3f} -> {delta['mc_after']:.3f} "
+        f"({100 * delta['mc_delta']:+.1f} pp{span('mc_delta', 100)}, {delta['mc_items']} items)"
+    )
+    if delta.get("kl") is not None:
+        low_high = ci.get("kl")
+        text += f"; KL(base || tuned) {delta['kl']:.4f} nats/token" + (
+            f" [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
+        )
+    return text

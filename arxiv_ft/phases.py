@@ -42,7 +42,7 @@ from arxiv_ft.data import (
 )
 from arxiv_ft.fileio import FolderLock, cached_json, fsync_dir, fsync_tree, read_json, write_json
 from arxiv_ft.fit import Setup, Stopped, TrainState, lr_schedule
-from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, forgetting_delta, run_probes
+from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, describe_forgetting, forgetting_delta, run_probes
 from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
 from arxiv_ft.loss import AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree
 from arxiv_ft.merge import merge_run
@@ -732,28 +732,6 @@ def probe_tuned(cfg, launch: Launch, task: Task, trainable: Trainable, base: dic
     delta = forgetting_delta(base, tuned)
     launch.log("forgetting: " + describe_forgetting(delta))
     return {"base": base, "tuned": tuned, "delta": delta}
-
-
-def describe_forgetting(delta: dict) -> str:
-    """One line: each forgetting figure with its 95% interval."""
-    ci = delta.get("ci95") or {}
-
-    def span(name, scale=1.0, digits=1):
-        low_high = ci.get(name)
-        return f" [{low_high[0] * scale:+.{digits}f}, {low_high[1] * scale:+.{digits}f}]" if low_high else ""
-
-    text = (
-        f"WikiText-2 perplexity {delta['ppl_before']:.2f} -> {delta['ppl_after']:.2f} "
-        f"({delta['ppl_change_pct']:+.1f}%{span('ppl_change_pct')}, {delta['ppl_tokens']:,} tokens); "
-        f"multiple choice {delta['mc_before']:.3f} -> {delta['mc_after']:.3f} "
-        f"({100 * delta['mc_delta']:+.1f} pp{span('mc_delta', 100)}, {delta['mc_items']} items)"
-    )
-    if delta.get("kl") is not None:
-        low_high = ci.get("kl")
-        text += f"; KL(base || tuned) {delta['kl']:.4f} nats/token" + (
-            f" [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
-        )
-    return text
 
 
 # -------------------------------------------------------------------------------------------- baselines

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU comparison committed in docs/results/cpu-smollm2/: LoRA, QLoRA, DoRA and full fine-tuning of
-# SmolLM2-135M-Instruct with the default recipe, 3 seeds each, on the same papers, plus the TF-IDF baseline per
-# seed; then the report (with the paired-bootstrap significance of every difference).
+# SmolLM2-135M-Instruct with the default recipe, 3 seeds each that took no part in choosing the recipe (10 11 12), on
+# the same papers; each run fits the tuned and untuned TF-IDF baselines on its own papers and scores the 630 test
+# papers; then the report (test split, hierarchical bootstrap over seeds and papers, Holm-corrected).
 #   bash tools/compare_cpu.sh                 # ~5 hours of one core per 12 runs (two at a time on 2 cores: JOBS=2)
 # Weights go to runs/compare/ (not committed); ledgers and the report go to docs/results/cpu-smollm2/.
 set -euo pipefail
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/compare}
 DOCS=${DOCS:-docs/results/cpu-smollm2}
 PY=${PY:-.venv/bin/python}
-SEEDS=${SEEDS:-0 1 2}
+SEEDS=${SEEDS:-10 11 12}  # the recipe was chosen with seeds 0 and 1: these took no part in it
 METHODS=${METHODS:-lora qlora dora full}
 JOBS=${JOBS:-1}   # runs at a time; with 2, each gets one core (--cpu-threads 1)
 export HF_HUB_OFFLINE=1
@@ -26,13 +27,6 @@ for seed in $SEEDS; do
     run "$method" "$seed" &
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   done
-  "$PY" -m arxiv_ft.baseline --train-per-class 30 --eval-per-class 20 --seed "$seed" \
-    --out "$DOCS/ledgers/tfidf-svm-seed$seed.json"
 done
 wait
-for seed in $SEEDS; do  # TF-IDF reading exactly the text each seed's LoRA prompts held
-  "$PY" -m arxiv_ft.baseline --train-per-class 30 --eval-per-class 20 --seed "$seed" --text llm \
-    --same-text-as "$RUNS/lora-seed$seed" --out "$DOCS/ledgers/tfidf-svm-sametext-seed$seed.json"
-done
-rm -f "$DOCS/ledgers/metrics.json"  # the baseline's per-class details; the ledger holds what the report needs
 "$PY" -m arxiv_ft.report "$DOCS"/ledgers/*.json --out "$DOCS"

@@ -93,7 +93,9 @@ KNOWN_MODELS = {
 
 def cache_dir() -> Path:
     """Where converted models and cached probes live: $ARXIV_FT_CACHE, else ~/.cache/arxiv_ft."""
-    return Path(os.environ.get("ARXIV_FT_CACHE", Path.home() / ".cache" / "arxiv_ft"))
+    from arxiv_ft.fileio import cache_root
+
+    return cache_root()
 
 
 def packaged_gguf_path() -> Path:

@@ -48,12 +48,21 @@ def _builder(spec: str) -> str | None:
     return None
 
 
+def _content_cache(spec: str) -> str:
+    """A `datasets` cache folder for this file's content: `datasets` keys local files by path and mtime only, so a file
+    changed with its mtime restored was read from the old cache (a run trained on rows the file no longer held)."""
+    from arxiv_ft.fileio import cache_root, file_digest
+
+    return str(cache_root() / "sources" / file_digest(spec)[:32])
+
+
 def load_raw(spec: str, split: str):
     """The rows of a source as a `datasets.Dataset`, columns as the source has them."""
     import datasets
 
     datasets.disable_progress_bars()
     kind = _builder(spec)
+    cache = _content_cache(spec) if kind is not None else None
     if kind == "json" and not any(line.strip() for _, line in zip(range(1000), _lines(spec))):
         return datasets.Dataset.from_dict({})  # an empty file: no papers (pyarrow refuses to read it at all)
     try:
@@ -66,10 +75,16 @@ def load_raw(spec: str, split: str):
                 header = next(csv.reader(fh), [])
             features = datasets.Features({name: datasets.Value("string") for name in header})
             return datasets.load_dataset(
-                "csv", data_files=spec, split="train", features=features, keep_default_na=False, na_filter=False
+                "csv",
+                data_files=spec,
+                split="train",
+                features=features,
+                keep_default_na=False,
+                na_filter=False,
+                cache_dir=cache,
             )
         if kind is not None:
-            return datasets.load_dataset(kind, data_files=spec, split="train")
+            return datasets.load_dataset(kind, data_files=spec, split="train", cache_dir=cache)
         if Path(spec).is_dir():
             loaded = datasets.load_from_disk(spec)
             if isinstance(loaded, datasets.DatasetDict):

@@ -137,3 +137,23 @@ def test_tokenisation_is_cached_and_equals_the_in_memory_path(tmp_path, papers, 
     tokenize_dataset(other, ds, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("tokenized-*.arrow"))) == 2
     shutil.rmtree(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "csv"])
+def test_a_changed_file_is_read_again_even_with_its_mtime_restored(tmp_path, papers, kind, monkeypatch):
+    """`datasets` keys local files by path and mtime: a file rewritten and given its old mtime back was read from
+    the stale cache (a run trained on rows the file no longer held). The cache is keyed by content."""
+    import os
+
+    monkeypatch.setenv("ARXIV_FT_CACHE", str(tmp_path / "cache"))
+    path, fields = write_sources(tmp_path, papers)[kind]
+    first = load_split(path, "train", fields)
+    assert first.num_rows == N
+    stat = os.stat(path)
+    (tmp_path / "shorter").mkdir()
+    shorter, _ = write_sources(tmp_path / "shorter", papers[:7])[kind]
+    shutil.copyfile(shorter, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    again = load_split(path, "train", fields)
+    assert again.num_rows == 7 and again["id"] == [p.id for p in papers[:7]]

@@ -212,8 +212,16 @@ def run_record(cfg: InferConfig, spec: dict, paths, dtype) -> dict:
         "top_k": cfg.top_k if cfg.mode == "score" else None,
         "max_new_tokens": cfg.max_new_tokens if cfg.mode == "generate" else None,
         "dtype": str(dtype).removeprefix("torch."),
-        "input": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths] if cfg.input else source,
+        "input": [input_identity(p) for p in paths] if cfg.input else source,
     }
+
+
+def input_identity(path: Path) -> dict:
+    """An input file by path, size and content: a file changed between a kill and the resume (lines reordered, same
+    size) would otherwise be resumed by index, some papers twice and some never (~2 s per GB to hash)."""
+    from arxiv_ft.fileio import file_digest
+
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def refuse_overwriting_inputs(output, inputs) -> None:

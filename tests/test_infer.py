@@ -417,3 +417,20 @@ def test_a_second_identical_inference_stops_at_once(tmp_path, tiny_model_dir):
     finally:
         first.kill()
         first.wait()
+
+
+def test_resume_refuses_an_input_changed_with_the_same_size(tmp_path, tiny_model_dir, reference):
+    """Lines reordered between a kill and the resume: same path, same size, other papers at each index."""
+    papers = tmp_path / "papers.jsonl"
+    shutil.copy(reference[0], papers)
+    out = tmp_path / "preds.jsonl"
+    argv = zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out), "--batch-size", "16")
+    lines = papers.read_text(encoding="utf-8").splitlines(keepends=True)
+    papers.write_text("".join(lines[:16]), encoding="utf-8")
+    run(argv)  # stands for the killed run: its parts hold lines for these papers at these indices
+    papers.write_text("".join(lines[8:16] + lines[:8]), encoding="utf-8")
+    assert papers.stat().st_size == sum(len(line.encode()) for line in lines[:16])
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="different input"):
+        run(argv)
+    assert out.read_bytes() == before

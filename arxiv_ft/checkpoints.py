@@ -15,7 +15,6 @@ dropout seeds are pure functions of it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from arxiv_ft.fileio import atomic_write, fsync_dir, fsync_tree, read_json, write_json
+from arxiv_ft.fileio import atomic_write, file_digest, fsync_dir, fsync_tree, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +55,14 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted((p for p in found if (p / COMPLETE).is_file()), key=_step_of)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE):
         size = path.stat().st_size
-        files[str(path.relative_to(folder))] = {"bytes": size, "sha256": _sha256(path) if size <= _HASH_LIMIT else None}
+        files[str(path.relative_to(folder))] = {
+            "bytes": size,
+            "sha256": file_digest(path) if size <= _HASH_LIMIT else None,
+        }
     return files
 
 
@@ -84,7 +78,7 @@ def verify(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != want["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}"
-        if want.get("sha256") and _sha256(path) != want["sha256"]:
+        if want.get("sha256") and file_digest(path) != want["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

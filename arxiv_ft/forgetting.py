@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from arxiv_ft.config import option
 from arxiv_ft.data import left_pad
-from arxiv_ft.fileio import cached_json, json_digest
+from arxiv_ft.fileio import cached_json, file_digest, json_digest
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Bump when anything that changes the numbers changes: templates, tokenisation, window rule, item selection.
@@ -311,18 +311,14 @@ def multiple_choice(model, tokenizer, items: list[dict], batch_size: int = 8, pr
 # ----------------------------------------------------------------------------------------------- the probes
 
 
-def _sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def probe_key(cfg: ProbeConfig) -> dict:
     """What determines the probe numbers: version, config (data by content, not path); KL is not in it."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("kl", "text_file", "items_file")}
     return {
         "probe_version": PROBE_VERSION,
         **fields,
-        "text_sha256": _sha256_file(cfg.text_file),
-        "items_sha256": _sha256_file(cfg.items_file),
+        "text_sha256": file_digest(cfg.text_file),
+        "items_sha256": file_digest(cfg.items_file),
     }
 
 

@@ -103,6 +103,15 @@ class RunDir:
         for name in (LABELS, PROMPT, CONFIG):
             if not (self.path / name).is_file():
                 raise SystemExit(f"{self.path} is not a train.py output folder: {name} is missing")
+        from arxiv_ft import checkpoints as ckpt
+
+        if (self.path / ckpt.COMPLETE).is_file():  # a checkpoint: its files must be the ones its manifest names
+            problem = ckpt.verify(self.path)
+            if problem:
+                raise SystemExit(
+                    f"{self.path}: {problem} (the checkpoint was changed or damaged after it was written); use another "
+                    "checkpoint, best/ or the run folder"
+                )
         method = self.method()
         weights = [p for p in method.files() if p.endswith(".safetensors")]
         if not any(list(self.path.glob(p)) for p in weights):

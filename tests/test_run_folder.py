@@ -290,3 +290,35 @@ def test_train_refuses_an_output_folder_that_is_the_base_or_holds_foreign_files(
     with pytest.raises(SystemExit, match="holds no run of arxiv-ft"):
         run_train(["--model", str(model), "--output-dir", str(theirs), *FAST])
     assert all((theirs / n).read_text() == f"the user's {n}" for n in ("README.md", "config.json", "tokenizer.json"))
+
+
+def test_a_checkpoint_that_fails_its_manifest_is_refused_for_inference(lora_run, tmp_path):
+    """A checkpoint whose adapter no longer matches its COMPLETE manifest (changed bytes) is not loaded by
+    Classifier.from_pretrained or infer.py: it would predict something no run trained."""
+    from arxiv_ft import config as cfglib
+    from arxiv_ft import infer
+
+    out, _ = lora_run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(complete_checkpoints(out)[-1], copy)
+    adapter = copy / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-8:] = b"\x00" * 8  # same size, other weights
+    adapter.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="does not match its checksum"):
+        Classifier.from_pretrained(copy, device="cpu")
+    papers = tmp_path / "papers.jsonl"
+    shutil.copy(ASSETS / "cs-validation-sample.jsonl", papers)
+    argv = ["--model-dir", str(copy), "--input", str(papers), "--output", str(tmp_path / "p.jsonl")]
+    with pytest.raises(SystemExit, match="does not match its checksum"):
+        infer.infer(cfglib.parse_config(infer.InferConfig, [*argv, "--progress", "false"], ""))
+
+
+def test_eval_mode_generate_finishes_with_a_ledger(tiny_model_dir, tmp_path):
+    """--eval-mode generate (the tutorial's way) ended every run with `LedgerError: task.after is required`."""
+    from arxiv_ft.ledger import Ledger
+
+    out = tmp_path / "gen"
+    run_train(["--model", tiny_model_dir, "--output-dir", str(out), "--eval-mode", "generate", *FAST])
+    ledger = Ledger.read(out / "ledger.json")
+    assert ledger.task["after"]["n"] == 21 and ledger.test["after"]["n"] == 21

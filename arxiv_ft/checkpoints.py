@@ -151,9 +151,10 @@ def save_tensors_atomically(tensors: dict, path: Path) -> None:
 
 
 class GracefulStop:
-    """Turns SIGTERM/SIGUSR1 (Slurm's warnings before a time limit or preemption) into a flag checked per step."""
+    """Turns SIGTERM/SIGUSR1 (Slurm's warnings before a time limit or preemption) and Ctrl-C (SIGINT) into a flag
+    checked per step: the run saves a checkpoint and exits 75. A second Ctrl-C aborts at once (KeyboardInterrupt)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, install: bool = True):
         self.received: int | None = None
@@ -163,6 +164,10 @@ class GracefulStop:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
+        if signum == signal.SIGINT:
+            logger.warning("Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again aborts)")
         self.received = signum
 
     def restore(self) -> None:

@@ -146,6 +146,21 @@ def test_a_stop_signal_after_training_is_honoured_not_swallowed(phase, uninterru
     assert finished(out)[0] == pytest.approx(finished(uninterrupted)[0], rel=1e-5)
 
 
+def test_ctrl_c_mid_training_saves_a_checkpoint_and_the_rerun_finishes_like_an_uninterrupted_run(
+    uninterrupted, tiny_model_dir, tmp_path
+):
+    """Ctrl-C (SIGINT) is a stop signal like SIGTERM: a checkpoint and exit 75, not a traceback and lost steps."""
+    out, log = tmp_path / "ctrl-c", tmp_path / "log.txt"
+    proc = start(train_args(tiny_model_dir, out), log)
+    wait_for(proc, log, PHASES["fit"])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, log.read_text()[-2000:]
+    assert "KeyboardInterrupt" not in log.read_text() and complete_checkpoints(out)
+    rerun = subprocess.run(train_args(tiny_model_dir, out), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_result(uninterrupted, out)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     mount = tmp_path / "disk"

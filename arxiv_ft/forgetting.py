@@ -103,6 +103,61 @@ def _inference(model):
         model.train(was_training)
 
 
+_NO_BASE = object()  # window_scores without KL
+
+
+def window_scores(model, windows: torch.Tensor, batch_size: int = 1, base_model=_NO_BASE, progress: bool = False):
+    """Per window: the summed NLL of its predicted tokens, and (unless `base_model` is _NO_BASE) the summed
+    KL(base || tuned) over its positions, from the same forward of `model`: KL costs one base forward more, not two.
+
+    `base_model=None` means `model` is a PEFT model whose adapters, switched off, are the base.
+    """
+    device = _device(model)
+    want_kl = base_model is not _NO_BASE
+
+    def base_logits(ids):
+        if base_model is None:
+            with model.disable_adapter():
+                return model(input_ids=ids).logits
+        return base_model(input_ids=ids).logits
+
+    window_nll: list[float] = []
+    window_kl: list[float] | None = [] if want_kl else None
+    reference = base_model if want_kl and base_model is not None else model
+    with _inference(model), _inference(reference):
+        # A few windows per forward: the logits of one 1024-token window are 200 MB with a 49k vocabulary.
+        starts = range(0, len(windows), batch_size)
+        for start in tqdm(starts, desc="probe: perplexity", unit="window", disable=not progress, leave=False):
+            ids = windows[start : start + batch_size].to(device)
+            logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+            nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            window_nll.extend(float(x) for x in nll.double().sum(dim=1))
+            if want_kl:
+                base_logp = torch.log_softmax(base_logits(ids)[:, :-1].float(), dim=-1)
+                # kl_div(input=log q, target=log p) is sum p (log p - log q): KL(base || tuned).
+                kl = F.kl_div(logp, base_logp, log_target=True, reduction="none").sum(dim=(1, 2))
+                window_kl.extend(float(x) for x in kl.double())
+    return window_nll, window_kl
+
+
+def _perplexity_record(window_nll: list[float], window_tokens: int) -> dict:
+    n_tokens = len(window_nll) * (window_tokens - 1)
+    nll_mean = sum(window_nll) / n_tokens
+    return {
+        "ppl": float(torch.tensor(nll_mean, dtype=torch.float64).exp()),
+        "nll": nll_mean,
+        "tokens": n_tokens,
+        "windows": len(window_nll),
+        "window_tokens": window_tokens,
+        "window_nll": window_nll,  # summed NLL of each window's predicted tokens: what the intervals resample
+    }
+
+
+def _kl_record(window_kl: list[float], window_tokens: int) -> dict:
+    n_positions = len(window_kl) * (window_tokens - 1)
+    return {"kl": sum(window_kl) / n_positions, "positions": n_positions, "window_kl": window_kl}
+
+
 def perplexity(
     model,
     tokenizer,
@@ -114,26 +169,8 @@ def perplexity(
 ) -> dict:
     """Perplexity on fixed windows of `text`: exp of the mean NLL over every predicted token of every window."""
     windows = text_windows(tokenizer, text, window_tokens, n_windows)
-    device = _device(model)
-    window_nll: list[float] = []
-    with _inference(model):
-        # A few windows per forward: the logits of one 1024-token window are 200 MB with a 49k vocabulary.
-        starts = range(0, n_windows, batch_size)
-        for start in tqdm(starts, desc="probe: perplexity", unit="window", disable=not progress, leave=False):
-            ids = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=ids).logits
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
-            window_nll.extend(float(x) for x in nll.double().sum(dim=1))
-    n_tokens = n_windows * (window_tokens - 1)
-    nll_mean = sum(window_nll) / n_tokens
-    return {
-        "ppl": float(torch.tensor(nll_mean, dtype=torch.float64).exp()),
-        "nll": nll_mean,
-        "tokens": n_tokens,
-        "windows": n_windows,
-        "window_tokens": window_tokens,
-        "window_nll": window_nll,  # summed NLL of each window's predicted tokens: what the intervals resample
-    }
+    window_nll, _ = window_scores(model, windows, batch_size, progress=progress)
+    return _perplexity_record(window_nll, window_tokens)
 
 
 def next_token_kl(
@@ -144,25 +181,8 @@ def next_token_kl(
     `base_model=None` means `tuned_model` is a PEFT model whose adapters, switched off, are the base.
     """
     windows = text_windows(tokenizer, text, window_tokens, n_windows)
-    device = _device(tuned_model)
-
-    def base_logits(ids):
-        if base_model is None:
-            with tuned_model.disable_adapter():
-                return tuned_model(input_ids=ids).logits
-        return base_model(input_ids=ids).logits
-
-    window_kl: list[float] = []
-    with _inference(tuned_model), _inference(base_model if base_model is not None else tuned_model):
-        for start in range(0, n_windows, batch_size):
-            ids = windows[start : start + batch_size].to(device)
-            tuned_logp = torch.log_softmax(tuned_model(input_ids=ids).logits[:, :-1].float(), dim=-1)
-            base_logp = torch.log_softmax(base_logits(ids)[:, :-1].float(), dim=-1)
-            # kl_div(input=log q, target=log p) is sum p (log p - log q): KL(base || tuned).
-            kl = F.kl_div(tuned_logp, base_logp, log_target=True, reduction="none").sum(dim=(1, 2))
-            window_kl.extend(float(x) for x in kl.double())
-    n_positions = n_windows * (window_tokens - 1)
-    return {"kl": sum(window_kl) / n_positions, "positions": n_positions, "window_kl": window_kl}
+    _, window_kl = window_scores(tuned_model, windows, batch_size, base_model)
+    return _kl_record(window_kl, window_tokens)
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
@@ -329,8 +349,13 @@ def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None, progress: bo
     """
     started = time.perf_counter()
     text = Path(cfg.text_file).read_text(encoding="utf-8")
-    ppl = perplexity(model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.windows_per_forward, progress)
-    ppl_seconds = time.perf_counter() - started
+    windows = text_windows(tokenizer, text, cfg.window_tokens, cfg.n_windows)
+    with_kl = cfg.kl and (base_model is not None or hasattr(model, "disable_adapter"))
+    window_nll, window_kl = window_scores(
+        model, windows, cfg.windows_per_forward, base_model if with_kl else _NO_BASE, progress
+    )
+    ppl = _perplexity_record(window_nll, cfg.window_tokens)
+    ppl_seconds = time.perf_counter() - started  # with KL: the perplexity and KL pass together
     items = select_items(read_items(cfg.items_file), cfg.mc_items)
     mc = multiple_choice(model, tokenizer, items, cfg.batch_size, progress)
     result = {
@@ -344,12 +369,8 @@ def run_probes(model, tokenizer, cfg: ProbeConfig, base_model=None, progress: bo
         "device": _device(model).type,
     }
     seconds = {"perplexity": ppl_seconds, "multiple_choice": time.perf_counter() - started - ppl_seconds}
-    if cfg.kl and (base_model is not None or hasattr(model, "disable_adapter")):
-        kl_started = time.perf_counter()
-        result["kl"] = next_token_kl(
-            base_model, model, tokenizer, text, cfg.window_tokens, cfg.n_windows, cfg.windows_per_forward
-        )
-        seconds["kl"] = time.perf_counter() - kl_started
+    if with_kl:
+        result["kl"] = _kl_record(window_kl, cfg.window_tokens)
     result["seconds"] = {**seconds, "total": time.perf_counter() - started}
     return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -144,3 +145,25 @@ def test_multiple_choice_batched_equals_one_by_one(tiny, tokenizer):
     assert [n for _, n in batched] == [n for _, n in single] == [len(x) for _, x in requests]
     for (a, _), (b, _) in zip(batched, single):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-4)  # fp32 summation order differs with padding, nothing else
+
+
+def test_perplexity_and_kl_from_one_pass_equal_the_separate_probes(tokenizer, text):
+    """run_probes computes perplexity and KL from one forward of the tuned model per window; the numbers are those
+    of the separate functions."""
+    from tests.conftest import apply_lora
+
+    model = apply_lora(make_tiny_llama(tokenizer), 4, 8.0, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # an adapter that changed something
+    cfg = fg.ProbeConfig(n_windows=3, window_tokens=48, mc_items=7, batch_size=4, kl=True)
+    both = fg.run_probes(model, tokenizer, cfg, progress=False)
+    ppl = fg.perplexity(model, tokenizer, text_of(cfg), 48, 3)
+    kl = fg.next_token_kl(None, model, tokenizer, text_of(cfg), 48, 3)
+    assert both["perplexity"]["window_nll"] == pytest.approx(ppl["window_nll"], rel=1e-6)
+    assert both["kl"]["kl"] == pytest.approx(kl["kl"], rel=1e-6) and kl["kl"] > 1e-4
+
+
+def text_of(cfg) -> str:
+    return Path(cfg.text_file).read_text(encoding="utf-8")

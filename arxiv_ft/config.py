@@ -69,8 +69,15 @@ def build_parser(cls, description: str, prog: str | None = None) -> argparse.Arg
 def _preset_argv(cls, path: str | Path) -> list[str]:
     """A YAML preset as command-line arguments (so the parser checks its values exactly as it checks flags)."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        text = Path(path).read_text(encoding="utf-8")
+        # Aliases are refused before anything is built: nested ones ("billion laughs") expand exponentially, and a
+        # preset of plain options never needs them.
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ConfigError(
+                f"--config {path}: YAML aliases (*name) are not accepted in presets; write the values out"
+            )
+        data = yaml.safe_load(text) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"--config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a preset must be a mapping of option: value")

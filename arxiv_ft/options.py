@@ -8,7 +8,8 @@ Only light imports here (no torch): `--help` and a mistyped option answer at onc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -38,6 +39,19 @@ def _non_negative(cfg, *names: str) -> None:
     for name in names:
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+
+
+def _finite(cfg) -> None:
+    """Every number option is finite (inf and nan pass every range check and fail much later)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def _at_most(cfg, name: str, limit: float, why: str) -> None:
+    if getattr(cfg, name) > limit:
+        raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is more than {limit:g}: {why}")
 
 
 def every_steps(value: float, total_steps: int) -> int:
@@ -190,7 +204,13 @@ class TrainConfig:
     expect_processes: int = option(0, "refuse to run unless this many processes joined (0 = trust the launcher)")
 
     def __post_init__(self):
+        _finite(self)
         _positive(self, "batch_size", "grad_accum_steps", "max_seq_tokens", "eval_batch_size", "epochs", "lr")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
+        _at_most(self, "max_steps", 10**8, "a run that would never end")
+        _at_most(self, "epochs", 10**4, "a run that would never end")
+        _at_most(self, "cpu_threads", os.cpu_count() or 1, "this machine's CPU count")
         _positive(self, "log_every_steps", "keep_checkpoints", "decision_weight")
         _non_negative(self, "max_steps", "train_per_class", "eval_per_class", "test_per_class", "weight_decay")
         _non_negative(self, "max_grad_norm")
@@ -264,6 +284,7 @@ class InferConfig:
     progress: bool = option(True, "show a progress bar (process 0)")
 
     def __post_init__(self):
+        _finite(self)
         if sum(bool(x) for x in (self.input, self.arxiv_ids, self.query)) != 1:
             raise ValueError("give exactly one input: --input, --arxiv-ids or --query")
         if self.input and not [s for s in self.input.split(",") if s.strip()]:
@@ -313,6 +334,7 @@ class BaselineConfig:
     out: str = option("runs/tfidf/ledger.json", "ledger file to write (metrics.json goes beside it)")
 
     def __post_init__(self):
+        _finite(self)
         _non_negative(self, "train_per_class", "eval_per_class")
         _non_negative(self, "c")
         _positive(self, "ngram_max", "min_df")

@@ -103,6 +103,20 @@ def test_unknown_preset_keys_and_bad_preset_values_are_named(tmp_path, capsys):
     assert str(preset) in err and "batch" in err
 
 
+def test_a_preset_with_yaml_aliases_is_refused_at_once(tmp_path, capsys):
+    """A "billion laughs" inside a known key ran for minutes at 2.7 GB; aliases are refused before expansion."""
+    import time
+
+    preset = tmp_path / "laughs.yaml"
+    rows = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    rows += [f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    preset.write_text("\n".join(rows) + "\nrun_name: *i\n")
+    started = time.perf_counter()
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--config", str(preset), "--help"], "")
+    assert time.perf_counter() - started < 5 and "aliases" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv,named",
     [
@@ -125,6 +139,16 @@ def test_unknown_preset_keys_and_bad_preset_values_are_named(tmp_path, capsys):
         (["--bf16", "--dtype", "fp32"], "--bf16"),
         (["--method", "qlora-ish"], "--method"),
         (["--resume", "/no/such/checkpoint"], "--resume"),
+        (["--lr", "inf"], "--lr"),
+        (["--lora-alpha", "inf"], "--lora-alpha"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--decision-weight", "inf"], "--decision-weight"),
+        (["--epochs", "inf"], "--epochs"),
+        (["--eval-every-steps", "inf"], "--eval-every-steps"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--max-steps", "1000000000000000"], "--max-steps"),
+        (["--cpu-threads", "10000"], "--cpu-threads"),
     ],
 )
 def test_bad_values_stop_before_anything_loads_naming_the_option(argv, named, capsys):

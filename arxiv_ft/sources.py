@@ -143,14 +143,27 @@ def normalise(ds, fields: Fields, where: str):
                 raise SourceError(f"{where_row}: {column!r} holds an unpaired surrogate") from None
             values[name] = _clean(value)
         label = example[fields.label]
+        if label is not None and not isinstance(label, (str, list, tuple)):
+            raise SourceError(f"{where_row}: {fields.label!r} is {label!r}; give a category or a list of categories")
         label = label.split() if isinstance(label, str) else list(label or [])
         if not label or not isinstance(label[0], str):
             raise SourceError(f"{where_row}: empty or missing {fields.label!r}")
-        paper_id = str(example[fields.id]).strip() if has_id else str(index)
-        return {"id": paper_id or str(index), "primary": label[0], **values}
+        paper_id = example[fields.id] if has_id else index
+        # Ids are keys (the in-run TF-IDF looks each paper's text up by id; outputs are joined on them): a null id
+        # became the string "None" for every such paper.
+        if paper_id is None or (isinstance(paper_id, float) and paper_id != paper_id) or not str(paper_id).strip():
+            raise SourceError(f"{where_row}: empty or missing id in {fields.id!r} (ids must be unique and non-null)")
+        return {"id": str(paper_id).strip(), "primary": label[0], **values}
 
     keep = ["id", "title", "abstract", "primary"]
-    return ds.map(row, with_indices=True, remove_columns=[c for c in ds.column_names if c not in keep], desc=None)
+    out = ds.map(row, with_indices=True, remove_columns=[c for c in ds.column_names if c not in keep], desc=None)
+    seen: dict[str, int] = {}
+    for index, paper_id in enumerate(out["id"]):
+        if paper_id in seen:
+            where_row = f"{where}:{index + 1}" if line_numbers else f"{where} row {index + 1}"
+            raise SourceError(f"{where_row}: id {paper_id!r} repeats row {seen[paper_id] + 1} (ids must be unique)")
+        seen[paper_id] = index
+    return out
 
 
 def load_split(spec: str, split: str, fields: Fields):

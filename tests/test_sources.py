@@ -157,3 +157,27 @@ def test_a_changed_file_is_read_again_even_with_its_mtime_restored(tmp_path, pap
     assert os.stat(path).st_mtime_ns == stat.st_mtime_ns
     again = load_split(path, "train", fields)
     assert again.num_rows == 7 and again["id"] == [p.id for p in papers[:7]]
+
+
+def test_null_or_repeated_ids_are_refused_naming_the_row(tmp_path, papers):
+    """Ids are keys: null ids all became "None" and the in-run TF-IDF (which looks texts up by id) fell to 3.8%."""
+    import datasets
+
+    rows = renamed_rows(papers[:6])
+    rows[3]["Key"] = None
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "null.parquet"))
+    with pytest.raises(SourceError, match="row 4: empty or missing id"):
+        load_split(str(tmp_path / "null.parquet"), "train", RENAMED)
+    rows[3]["Key"] = rows[1]["Key"]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "twice.parquet"))
+    with pytest.raises(SourceError, match="row 4: id .* repeats row 2"):
+        load_split(str(tmp_path / "twice.parquet"), "train", RENAMED)
+
+
+def test_a_numeric_label_column_is_a_clear_error(tmp_path, papers):
+    import datasets
+
+    rows = [{"id": r.id, "title": r.title, "abstract": r.abstract, "categories": float("nan")} for r in papers[:3]]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "floats.parquet"))
+    with pytest.raises(SourceError, match="row 1: 'categories' is nan"):
+        load_split(str(tmp_path / "floats.parquet"), "train", Fields())

@@ -54,6 +54,25 @@ def _at_most(cfg, name: str, limit: float, why: str) -> None:
         raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is more than {limit:g}: {why}")
 
 
+# Each tracker `--report-to` names, and the packages accelerate needs for it (any one of them).
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def _check_trackers(report_to: str) -> None:
+    """A tracker whose package is missing is refused (accelerate skipped it silently: rc 0 and no event files)."""
+    import importlib.util
+
+    for name in (t.strip() for t in report_to.split(",")):
+        if name in ("", "none"):
+            continue
+        if name not in TRACKER_PACKAGES:
+            raise ValueError(f"--report-to {name}: not one of {', '.join(TRACKER_PACKAGES)}, none")
+        if not any(importlib.util.find_spec(pkg) for pkg in TRACKER_PACKAGES[name]):
+            raise ValueError(
+                f"--report-to {name}: the package is not installed; pip install {TRACKER_PACKAGES[name][0]}"
+            )
+
+
 def every_steps(value: float, total_steps: int) -> int:
     """An interval given as steps (>= 1) or as a fraction of the run (< 1, HF's convention); 0 = never."""
     if value <= 0:
@@ -211,6 +230,7 @@ class TrainConfig:
         _at_most(self, "max_steps", 10**8, "a run that would never end")
         _at_most(self, "epochs", 10**4, "a run that would never end")
         _at_most(self, "cpu_threads", os.cpu_count() or 1, "this machine's CPU count")
+        _check_trackers(self.report_to)
         _positive(self, "log_every_steps", "keep_checkpoints", "decision_weight")
         _non_negative(self, "max_steps", "train_per_class", "eval_per_class", "test_per_class", "weight_decay")
         _non_negative(self, "max_grad_norm")

@@ -35,7 +35,7 @@ HF_NAMES = [
     ("lora_dropout", "0.1", "lora_dropout", 0.1),
     ("lora_target_modules", "q_proj,v_proj", "lora_targets", "q_proj,v_proj"),
     ("use_rslora", "true", "lora_rslora", True),
-    ("report_to", "tensorboard", "report_to", "tensorboard"),
+    ("report_to", "none", "report_to", "none"),  # a tracker must be installed to be accepted (see below)
     ("run_name", "my-run", "run_name", "my-run"),
     ("output_dir", "runs/x", "output_dir", "runs/x"),
     ("seed", "3", "seed", 3),
@@ -149,6 +149,8 @@ def test_a_preset_with_yaml_aliases_is_refused_at_once(tmp_path, capsys):
         (["--seed", str(2**70)], "--seed"),
         (["--max-steps", "1000000000000000"], "--max-steps"),
         (["--cpu-threads", "10000"], "--cpu-threads"),
+        (["--report-to", "tensorboard"], "pip install tensorboard"),  # not installed here: refused, not ignored
+        (["--report-to", "neptune"], "--report-to"),
     ],
 )
 def test_bad_values_stop_before_anything_loads_naming_the_option(argv, named, capsys):

@@ -223,5 +223,5 @@ def test_arxiv_ft_without_a_subcommand_lists_them():
 def test_every_shipped_preset_parses_validates_and_names_files_that_exist(preset, monkeypatch):
     monkeypatch.chdir(ROOT)  # presets name their data relative to the repository, where their commands run
     cfg = parse_config(TrainConfig, ["--config", str(preset)], "")
-    for path in (cfg.train_file, cfg.eval_file):
+    for path in (p for p in (cfg.train_file, cfg.eval_file, cfg.test_file) if p):
         assert (ROOT / path).exists(), f"{preset.name} names {path}, which is not in the repository"

@@ -195,7 +195,7 @@ class TrainConfig:
     probes: bool = option(True, "measure forgetting: WikiText-2 perplexity + general multiple choice, base vs tuned")
     # The default probe is the cheap one (its intervals are printed); comparisons use 64 windows and all 800 items.
     probe_windows: int = option(16, "forgetting probe: 512-token WikiText-2 windows, spread over the whole text")
-    probe_mc_items: int = option(140, "forgetting probe: multiple-choice items (spread over 7 tasks; 800 = all)")
+    probe_mc_items: int = option(70, "forgetting probe: multiple-choice items (spread over 7 tasks; 800 = all)")
     probe_kl: bool = option(
         True, "forgetting probe: KL(base || tuned) on the windows (adapters: the adapter off; full: a 2nd copy)"
     )

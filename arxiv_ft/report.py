@@ -177,6 +177,10 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None, split: str
         "mc_items_lost": delta.get("mc_items_lost"),
         "mc_items_gained": delta.get("mc_items_gained"),
         "kl": delta.get("kl"),
+        "ppl_change_pct": delta.get("ppl_change_pct"),
+        "forgetting_ci95": delta.get("ci95"),
+        "mc_probe_items": delta.get("mc_items"),
+        "ppl_probe_tokens": delta.get("ppl_tokens"),
         "wall_seconds": cost.get("wall_seconds"),
         "train_seconds": cost.get("train_seconds"),
         "device_type": cost.get("device_type"),
@@ -203,7 +207,8 @@ _ROW_KEYS = (
     *("f1_after", "ppl_before", "ppl_after", "ppl_delta", "ppl_ratio", "mc_before", "mc_after", "mc_delta"),
     *("mc_items", "mc_items_lost", "mc_items_gained", "kl", "wall_seconds", "train_seconds", "device_type"),
     *("device_count", "device_hours", "tokens_per_second", "mfu", "peak_memory_bytes", "trainable_parameters"),
-    *("cost", "loss_curve", "acc_gain", "f1_gain", "tfidf_acc", "outcomes"),
+    *("cost", "loss_curve", "acc_gain", "f1_gain", "tfidf_acc", "outcomes", "ppl_change_pct", "forgetting_ci95"),
+    *("mc_probe_items", "ppl_probe_tokens"),
 )
 
 
@@ -448,6 +453,37 @@ def run_table(rows: list[dict], currency: str) -> str:
     return _table(header, body)
 
 
+def forgetting_table(rows: list[dict]) -> str | None:
+    """Per run: each forgetting figure with its 95% paired bootstrap interval (None when no run has intervals)."""
+    measured = [r for r in rows if r.get("forgetting_ci95")]
+    if not measured:
+        return None
+
+    def cell(value, ci, scale, unit, digits=1):
+        if value is None:
+            return DASH
+        span = f" [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]" if ci else ""
+        return f"{value * scale:+.{digits}f}{unit}{span}"
+
+    header = ["run", "seed", "perplexity change (tokens)", "KL(base ‖ tuned), nats/token", "MC accuracy Δ (items)"]
+    body = []
+    for r in measured:
+        ci = r["forgetting_ci95"]
+        kl = DASH
+        if r["kl"] is not None:
+            kl = f"{r['kl']:.4f}" + (f" [{ci['kl'][0]:.4f}, {ci['kl'][1]:.4f}]" if ci.get("kl") else "")
+        body.append(
+            [
+                r["run_id"],
+                str(r["seed"]),
+                cell(r["ppl_change_pct"], ci.get("ppl_change_pct"), 1, "%") + f" ({_count(r['ppl_probe_tokens'])})",
+                kl,
+                cell(r["mc_delta"], ci.get("mc_delta"), 100, " pp") + f" ({r['mc_probe_items']})",
+            ]
+        )
+    return _table(header, body)
+
+
 def group_table(groups: list[dict], currency: str) -> str:
     """The per-method Markdown table: mean ± sample std over the seeds of each group."""
     header = [
@@ -546,6 +582,15 @@ def render_markdown(
         "test": "Scores are on the **test** papers (no choice was made on them).",
         "validation": "Scores are on the **validation** papers (the papers choices were made on: not a final number).",
     }[split]
+    forgetting = forgetting_table(rows)
+    forgetting_part = []
+    if forgetting:
+        forgetting_part = [
+            "## Forgetting, per run (95% paired bootstrap intervals over windows or items)",
+            "",
+            forgetting,
+            "",
+        ]
     parts = [
         "# Fine-tuning report: task gain, forgetting, cost",
         "",
@@ -556,6 +601,7 @@ def render_markdown(
         group_table(groups, currency),
         "",
         *significance,
+        *forgetting_part,
         "## Every run",
         "",
         run_table(rows, currency),

@@ -13,11 +13,6 @@ from transformers.cache_utils import DynamicCache
 
 from arxiv_ft.data import IGNORE_INDEX
 
-# What training minimises. answer-tokens: mean cross-entropy over the answer tokens (label + end-of-turn);
-# decision-weighted: the same with the label-deciding token(s) weighted up; label-softmax: cross-entropy over the
-# allowed labels of their sequence log-likelihoods (what scoring ranks); cls-head: a linear head on the last token.
-OBJECTIVES = ("answer-tokens", "decision-weighted", "label-softmax", "cls-head")
-
 
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
     """[batch, length] bool: True where the next token is a target (position j predicts label j + 1)."""

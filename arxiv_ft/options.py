@@ -15,16 +15,13 @@ from typing import ClassVar
 
 from arxiv_ft.config import option
 from arxiv_ft.methods import METHODS
+from arxiv_ft.objectives import OBJECTIVES, get_objective
 from arxiv_ft.prompts import BUDGETS, DEFAULT_TEMPLATE, SYSTEM_ROLES, TEMPLATES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 PACKAGED_MODEL = "smollm2-135m"
 # Every linear layer of a LLaMA block: the QLoRA paper's finding is that adapting all of them matters.
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# What training minimises. answer-tokens: mean cross-entropy over the answer tokens (label + end-of-turn);
-# decision-weighted: the same with the label-deciding token(s) weighted up; label-softmax: cross-entropy over the
-# allowed labels of their sequence log-likelihoods (what scoring ranks); cls-head: a linear head on the last token.
-OBJECTIVES = ("answer-tokens", "decision-weighted", "label-softmax", "cls-head")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
 
@@ -156,10 +153,7 @@ class TrainConfig:
     )
     # optimisation
     objective: str = option(
-        "answer-tokens",
-        "mean CE over answer tokens; the same with the label-deciding token weighted; CE over the labels' sequence "
-        "log-likelihoods; a linear head on the last prompt token",
-        OBJECTIVES,
+        "answer-tokens", "what training minimises: " + "; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values())
     )
     decision_weight: float = option(4.0, "decision-weighted: weight of the token(s) that decide the label")
     epochs: float = option(2.0, "passes over the training data (fractions allowed)", aliases=("num_train_epochs",))
@@ -248,10 +242,7 @@ class TrainConfig:
             _positive(self, "probe_windows", "probe_mc_items")
         if self.bf16 and self.dtype == "fp32":
             raise ValueError("--bf16 contradicts --dtype fp32")
-        if self.objective in ("label-softmax", "cls-head") and self.packing:
-            raise ValueError(f"--objective {self.objective} scores whole prompts: it does not take --packing")
-        if self.objective == "label-softmax" and self.gradient_checkpointing:
-            raise ValueError("--objective label-softmax continues from the prompt's KV cache: no checkpointing")
+        get_objective(self.objective).check(self)
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: not 'auto', 'none' or a checkpoint folder")
 

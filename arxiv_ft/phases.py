@@ -35,16 +35,12 @@ from arxiv_ft.data import (
     BatchPlan,
     ChatTemplateError,
     PromptBuilder,
-    collate_left_padded,
-    collate_packed,
-    collate_prompts,
     tokenize_dataset,
 )
 from arxiv_ft.fileio import FolderLock, cached_json, fsync_dir, fsync_tree, read_json, write_json
 from arxiv_ft.fit import Setup, Stopped, TrainState, lr_schedule
 from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, describe_forgetting, forgetting_delta, run_probes
 from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
-from arxiv_ft.loss import AnswerLoss, ClassificationHead, HeadLoss, LabelSoftmaxLoss, LabelTree
 from arxiv_ft.merge import merge_run
 from arxiv_ft.methods import Method, get_method
 from arxiv_ft.metrics import format_report, model_flops_utilisation, peak_flops, peak_memory_bytes
@@ -59,6 +55,7 @@ from arxiv_ft.modeling import (
     resolve_dtype,
     set_cpu_threads,
 )
+from arxiv_ft.objectives import get_objective
 from arxiv_ft.options import TrainConfig
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
@@ -269,7 +266,7 @@ class Trainable:
 
     model: torch.nn.Module
     objective: torch.nn.Module
-    head: ClassificationHead | None
+    head: torch.nn.Module | None  # the cls-head objective's classification head
     prefix: list[int]
     n_trainable: int
     n_total: int
@@ -287,15 +284,7 @@ def build(cfg: TrainConfig, launch: Launch, task: Task) -> Trainable:
     if prefix and not task.has_prefix:
         launch.log("not every prompt starts with the shared prefix: prefix sharing off")
         prefix = []
-    head = None
-    if cfg.objective == "cls-head":
-        head = ClassificationHead(model.config.hidden_size, len(task.labels)).to(launch.device)
-        objective = HeadLoss(model, head, prefix)
-    elif cfg.objective == "label-softmax":
-        tree = LabelTree([task.builder.label_targets[label] for label in task.labels])
-        objective = LabelSoftmaxLoss(model, tree, prefix)
-    else:
-        objective = AnswerLoss(model, prefix)
+    objective, head = get_objective(cfg.objective).build(model, task.builder, task.labels, prefix, launch.device)
     return Trainable(model, objective, head, prefix, n_trainable + (head_size(head)), n_total + head_size(head))
 
 
@@ -351,25 +340,9 @@ def setup_fit(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable
         ds_config["gradient_clipping"] = cfg.max_grad_norm
     train_model, optimizer = acc.prepare(trainable.objective, optimizer)
     scheduler = schedule(cfg, optimizer, plan.steps)
-    n_prefix, pad_id, builder = len(trainable.prefix), task.tokenizer.pad_token_id, task.builder
-
-    def collate(examples):
-        if cfg.packing:
-            return collate_packed(examples, n_prefix)
-        if cfg.objective in ("label-softmax", "cls-head"):
-            return collate_prompts(examples, pad_id, n_prefix)
-        if cfg.objective == "decision-weighted":
-            return collate_left_padded(examples, pad_id, n_prefix, cfg.decision_weight, builder.label_decisions)
-        return collate_left_padded(examples, pad_id, n_prefix)
-
-    def units(ex) -> float:
-        """What one example adds to the step's loss normaliser: its target tokens, their weights, or 1 example."""
-        if cfg.objective in ("label-softmax", "cls-head"):
-            return 1.0
-        if cfg.objective == "decision-weighted":
-            return sum(cfg.decision_weight if d else 1.0 for d in builder.label_decisions[ex.label_index])
-        return float(len(ex.target_ids))
-
+    objective = get_objective(cfg.objective)
+    collate = objective.collate(cfg, task.tokenizer.pad_token_id, len(trainable.prefix), task.builder)
+    units = objective.units(cfg, task.builder)
     return Setup(acc, train_model, optimizer, scheduler, plan, collate, units, cfg.max_grad_norm, cfg.seed)
 
 

@@ -190,9 +190,18 @@ def git_revision(folder: str | Path | None = None) -> str | None:
     folder = Path(folder) if folder else Path(__file__).resolve().parent
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder, timeout=10)
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            cwd=folder,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() or None
+    revision = done.stdout.strip() or None
+    # Uncommitted changes to the package: the commit alone does not say what ran.
+    return f"{revision}-dirty" if revision and changes.stdout.strip() else revision
 
 
 def now() -> str:

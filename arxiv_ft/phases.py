@@ -97,6 +97,7 @@ class Launch:
     method: Method
     dtype: torch.dtype
     trackers: list[str] = field(default_factory=list)
+    revision: str | None = None  # the package's git commit when the run started (what ran, whatever is committed later)
 
     @property
     def device(self) -> torch.device:
@@ -170,7 +171,7 @@ def start(cfg: TrainConfig) -> Launch:
         name = cfg.run_name or Path(cfg.output_dir).name
         accelerator.init_trackers("arxiv-ft", config=to_dict(cfg), init_kwargs={"wandb": {"name": name}})
     set_seed(cfg.seed)
-    return Launch(accelerator, kind, method, dtype, trackers)
+    return Launch(accelerator, kind, method, dtype, trackers, git_revision())
 
 
 # -------------------------------------------------------------------------------------------------------- task
@@ -826,7 +827,7 @@ def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
         cost=cost,
         train={"loss_curve": metrics["train"]["loss_curve"], "steps": metrics["train"]["steps"]},
         versions=package_versions("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes"),
-        git_revision=git_revision(),
+        git_revision=launch.revision,
         created=now(),
         run_name=cfg.run_name or Path(cfg.output_dir).name,
     )

@@ -176,8 +176,18 @@ class RunDir:
         return load_tokenizer(self.base_source(), trust_remote_code)
 
     def load_model(self, dtype, trust_remote_code: bool = False):
-        """The trained model, loaded the way its method saved it."""
-        return self.method().load(self.path, self.base_source(), dtype, trust_remote_code)
+        """The trained model, loaded the way its method saved it; damaged files are named, not a library traceback."""
+        from safetensors import SafetensorError
+
+        method, source = self.method(), self.base_source()
+        try:
+            return method.load(self.path, source, dtype, trust_remote_code)
+        except (ValueError, OSError, RuntimeError, SafetensorError) as exc:  # bad JSON, a torn file, wrong shapes
+            files = ", ".join(method.files())
+            raise SystemExit(
+                f"{self.path}: the {method.name} weights cannot be loaded ({type(exc).__name__}: {exc}); one of "
+                f"{files} is damaged or not this run's: use a checkpoint under checkpoints/, best/, or retrain"
+            ) from None
 
     def fingerprint(self) -> str:
         """What this folder's model is, by content: its task files and weights (a retrained folder differs)."""

@@ -322,3 +322,13 @@ def test_eval_mode_generate_finishes_with_a_ledger(tiny_model_dir, tmp_path):
     run_train(["--model", tiny_model_dir, "--output-dir", str(out), "--eval-mode", "generate", *FAST])
     ledger = Ledger.read(out / "ledger.json")
     assert ledger.task["after"]["n"] == 21 and ledger.test["after"]["n"] == 21
+
+
+@pytest.mark.parametrize("damage", ["adapter_config.json", "adapter_model.safetensors"])
+def test_a_damaged_adapter_is_named_not_a_library_traceback(lora_run, tmp_path, damage):
+    out = tmp_path / "copy"
+    shutil.copytree(lora_run[0], out, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    path = out / damage
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # cut short: invalid JSON, a torn tensor file
+    with pytest.raises(SystemExit, match=f"{out}: the lora weights cannot be loaded .*adapter_model.safetensors"):
+        Classifier.from_pretrained(out, device="cpu")

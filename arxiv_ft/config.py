@@ -35,7 +35,13 @@ class ConfigError(ValueError):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's command lines as written and shows every default."""
+    """Keeps the docstring's command lines as written and shows every default that says something (not an empty
+    one, not on a `--no-flag`)."""
+
+    def _get_help_string(self, action):
+        if action.default in ("", None) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _names(cls) -> dict[str, str]:
@@ -46,6 +52,23 @@ def _names(cls) -> dict[str, str]:
         for flag in f.metadata.get("aliases", []):
             out[flag.lstrip("-")] = f.name
     return out
+
+
+def _group_by_section(parser: argparse.ArgumentParser, cls) -> None:
+    """Move each option into its section's argument group (`cls._sections`: title -> field names), so `--help`
+    reads by topic instead of one flat list of options (a boolean's `--no-flag` goes with it)."""
+    sections = getattr(cls, "_sections", None)
+    if not sections:
+        return
+    for title, names in sections.items():
+        group = parser.add_argument_group(title)
+        for action in [a for a in parser._actions if a.dest in names]:
+            if action.option_strings and action.option_strings[0].startswith("--no"):
+                action.help, action.default = f"turn --{action.dest.replace('_', '-')} off", argparse.SUPPRESS
+            for other in parser._action_groups:
+                if action in other._group_actions:
+                    other._group_actions.remove(action)
+            group._group_actions.append(action)
 
 
 def build_parser(cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
@@ -59,6 +82,7 @@ def build_parser(cls, description: str, prog: str | None = None) -> argparse.Arg
         if hints[f.name] is bool and f.default is False:
             names = [f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"]
             parser.add_argument(*names, action="store_false", dest=f.name, default=False, help=argparse.SUPPRESS)
+    _group_by_section(parser, cls)
     parser.add_argument("--config", help="YAML preset whose keys are these options; flags override it")
     positional = getattr(cls, "_positional", None)
     if positional:

@@ -79,6 +79,33 @@ def every_steps(value: float, total_steps: int) -> int:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # `--help` shows the options in these sections, in this order (every field is in exactly one; a test checks).
+    _sections: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("model", "model_revision", "dtype", "bf16", "trust_remote_code"),
+        "method": (
+            *("method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rslora", "lora_layers"),
+            *("bnb_quant_storage", "gradient_checkpointing"),
+        ),
+        "data": (
+            *("train_file", "eval_file", "test_file", "train_split", "eval_split", "test_split", "title_field"),
+            *("abstract_field", "label_field", "id_field", "labels", "train_per_class", "eval_per_class"),
+            "test_per_class",
+        ),
+        "prompt": ("template", "max_seq_tokens", "token_budget", "chat_template", "system_role", "chat_date"),
+        "optimisation": (
+            *("objective", "decision_weight", "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr"),
+            *("weight_decay", "warmup_ratio", "lr_schedule", "min_lr_ratio", "max_grad_norm", "group_by_length"),
+            *("share_prefix", "packing", "compile", "seed", "cpu_threads", "expect_processes"),
+        ),
+        "evaluation": ("eval_before", "eval_mode", "eval_batch_size", "eval_every_steps", "tfidf_baseline"),
+        "probes": ("probes", "probe_windows", "probe_mc_items", "probe_kl"),
+        "checkpoints and output": (
+            *("output_dir", "overwrite_output_dir", "checkpoint_every_steps", "keep_checkpoints", "resume"),
+            *("merge", "push_to_hub"),
+        ),
+        "logging and cost": ("log_every_steps", "report_to", "run_name", "price_per_device_hour", "peak_tflops"),
+    }
+
     # model
     model: str = option(
         PACKAGED_MODEL,

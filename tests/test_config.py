@@ -3,6 +3,7 @@ loads, and clean, fast help for every entry point."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -225,3 +226,17 @@ def test_every_shipped_preset_parses_validates_and_names_files_that_exist(preset
     cfg = parse_config(TrainConfig, ["--config", str(preset)], "")
     for path in (p for p in (cfg.train_file, cfg.eval_file, cfg.test_file) if p):
         assert (ROOT / path).exists(), f"{preset.name} names {path}, which is not in the repository"
+
+
+def test_train_help_is_grouped_in_sections_that_hold_every_option(capsys):
+    sections = TrainConfig._sections
+    listed = [name for names in sections.values() for name in names]
+    assert sorted(listed) == sorted(f.name for f in dataclasses.fields(TrainConfig)) and len(set(listed)) == len(listed)
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"], "")
+    out = capsys.readouterr().out
+    titles = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles == ["options", *sections]
+    assert "(default: )" not in out and "turn --probes off" in out
+    assert parse_config(TrainConfig, ["--no-probes", "--no-probe-kl"], "").probes is False
+    assert parse_config(TrainConfig, [], "").probe_kl is True

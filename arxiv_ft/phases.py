@@ -782,8 +782,9 @@ def save_run(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup
         run.write_metrics(metrics)
 
         run.write_card(model_card(cfg, task, metrics, run.base_record(), command=sys_argv()))
-        if "score" in (metrics["after"] or {}):
-            launch.log("\n" + format_report(metrics["after"]["score"], task.labels))
+        final, where = (metrics["test"]["after"], "test") if metrics["test"] else (metrics["after"], "validation")
+        if "score" in (final or {}):
+            launch.log(f"per class, {where} papers:\n" + format_report(final["score"], task.labels))
     launch.accelerator.wait_for_everyone()
 
 

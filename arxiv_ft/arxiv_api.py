@@ -19,6 +19,7 @@ import http.client
 import math
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -47,9 +48,10 @@ class ArxivAPIError(RuntimeError):
 class _Transient(Exception):
     """A failure that asking again may cure: 429, 5xx, a network error, a deadline, a body that is not an arXiv feed."""
 
-    def __init__(self, problem: str, retry_after_s: float = 0.0) -> None:
+    def __init__(self, problem: str, retry_after_s: float = 0.0, unresolved: bool = False) -> None:
         super().__init__(problem)
         self.retry_after_s = retry_after_s
+        self.unresolved = unresolved  # the host name did not resolve (offline, or a wrong --base-url)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class ArxivClient:
                 body = self._get(url, min(time.monotonic() + self.request_deadline_s, give_up_at))
                 page = _parse_feed(url, body)
             except _Transient as exc:
+                if exc.unresolved and attempt:  # once more is enough: an unresolvable name stays unresolvable
+                    raise ArxivAPIError(f"{url}: the host name does not resolve (offline?): {exc}") from None
                 problem, retry_after_s, page = str(exc), exc.retry_after_s, None
                 continue
             promised = _promised(page.total, params["start"], params["max_results"])
@@ -181,7 +185,8 @@ class ArxivClient:
             message = _api_error(exc.read(self.max_response_bytes)) or exc.reason
             raise ArxivAPIError(f"{url}: HTTP {exc.code}: {message}") from exc
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, IncompleteRead...
-            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+            unresolved = isinstance(getattr(exc, "reason", exc), socket.gaierror)
+            raise _Transient(f"{type(exc).__name__}: {exc}", unresolved=unresolved) from exc
 
     def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: float) -> bytes:
         declared = response.headers.get("Content-Length", "")
@@ -294,6 +299,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     cfg = parse_config(FetchConfig, argv, __doc__, prog)
     client = ArxivClient(base_url=cfg.base_url, min_interval_s=cfg.min_interval_s)
     out = Path(cfg.out)
+    existed = out.exists()
     # Same suffix as --out, so write_records gzips it alike; renamed over --out only once every page has come.
     partial = out.with_name(f"{out.stem}.partial-{os.getpid()}{out.suffix}")
     try:
@@ -304,7 +310,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         n = write_records(records, partial)  # a search is a generator: its pages are fetched while this writes
         partial.replace(out)
     except ArxivAPIError as exc:
-        raise SystemExit(f"error: {exc}\n{out} is left as it was") from None
+        raise SystemExit(f"error: {exc}\n{out} " + ("is left as it was" if existed else "was not written")) from None
     finally:
         partial.unlink(missing_ok=True)
     if client.skipped_entries:

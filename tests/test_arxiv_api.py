@@ -487,3 +487,25 @@ def test_entities_are_not_expanded(api, doctype, problem):
 
     with pytest.raises(ArxivAPIError, match=f"last error: not well-formed XML \\({problem}"):
         list(_client(api, max_retries=1).search("testing", max_results=1))
+
+
+def test_an_unresolvable_host_is_tried_twice_then_refused_at_once(tmp_path, monkeypatch):
+    """Offline, the fetch spent 32.7 s retrying a DNS failure and then said the output 'is left as it was' although it
+    never existed. A name that does not resolve is tried once more, then refused; the message says nothing was
+    written. (Name resolution is replaced by a failing one: no query leaves the machine.)"""
+    import socket
+
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    out = tmp_path / "papers.jsonl"
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--ids", "1605.08386", "--out", str(out), "--base-url", "http://arxiv-ft-test.invalid/api/query"])
+    assert time.monotonic() - started < 10
+    assert "does not resolve" in str(exit_.value.code) and "was not written" in str(exit_.value.code)
+    assert lookups == ["arxiv-ft-test.invalid"] * 2 and not out.exists()

@@ -120,15 +120,25 @@ class FolderLock:
 
     def acquire(self, what: str) -> FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+        if self.path.is_dir():
+            raise SystemExit(f"{self.path} is a folder where {what} keeps its lock file: move it away")
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                message = f"{self.path.parent} is in use by {holder}: {what} refuses to run in it at the same time"
+                raise SystemExit(message) from None
+            # The holder removes the file when it releases: a lock taken on a file already removed is no lock.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             fh.close()
-            message = f"{self.path.parent} is in use by {holder}: {what} refuses to run in it at the same time"
-            raise SystemExit(message) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}\n")
@@ -137,7 +147,9 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file (while still holding it, so nobody locks a file about to vanish), then unlock."""
         if self._fh is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None

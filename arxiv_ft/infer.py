@@ -35,7 +35,7 @@ def infer(cfg: InferConfig) -> dict:
     """Classify this process's share of the input, then (process 0) merge; returns the summary on every process."""
     # Heavy libraries load here, after the command line is parsed: `--help` and a bad option answer at once.
     from accelerate import PartialState
-    from accelerate.utils import gather_object, parse_flag_from_env
+    from accelerate.utils import parse_flag_from_env
 
     from arxiv_ft.modeling import resolve_dtype, set_cpu_threads
     from arxiv_ft.shards import ShardedOutput
@@ -54,6 +54,28 @@ def infer(cfg: InferConfig) -> dict:
     dtype = resolve_dtype(cfg.dtype, state.device)
     run = run_record(cfg, spec, paths, dtype)
     lock = claim(output, state)
+    started_here = not output.side("run.json").exists()
+    try:
+        classify_all(cfg, state, output, spec, paths, run)
+    except BaseException:
+        # A run that failed before writing any prediction leaves nothing behind (its run.json would only refuse
+        # the next attempt with other arguments); one with predictions keeps everything for the resume.
+        if state.is_main_process and started_here and not output.parts() and not output.out.exists():
+            output.side("run.json").unlink(missing_ok=True)
+        raise
+    finally:
+        lock.release()
+    return json.loads(Path(output.side("summary.json")).read_text())
+
+
+def classify_all(cfg: InferConfig, state, output, spec: dict, paths, run: dict) -> None:
+    """Check and record the run, classify this process's share, and (process 0) merge and write the summary."""
+    from accelerate.utils import gather_object
+
+    from arxiv_ft.modeling import resolve_dtype
+
+    rank, world = state.process_index, state.num_processes
+    dtype = resolve_dtype(cfg.dtype, state.device)
     output.check_run(run)  # every process checks, so all of them stop alike
     if state.is_main_process:
         output.write_run(run)
@@ -128,8 +150,6 @@ def infer(cfg: InferConfig) -> dict:
             + (f"; accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})" if m else "")
         )
     state.wait_for_everyone()
-    lock.release()
-    return json.loads(Path(output.side("summary.json")).read_text())
 
 
 def resolve_task(cfg: InferConfig) -> dict:

@@ -332,3 +332,13 @@ def test_a_damaged_adapter_is_named_not_a_library_traceback(lora_run, tmp_path, 
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # cut short: invalid JSON, a torn tensor file
     with pytest.raises(SystemExit, match=f"{out}: the lora weights cannot be loaded .*adapter_model.safetensors"):
         Classifier.from_pretrained(out, device="cpu")
+    # infer.py fails the same way, and leaves neither its lock nor a run record behind (nothing was predicted).
+    from arxiv_ft import config as cfglib
+    from arxiv_ft import infer
+
+    papers, preds = tmp_path / "papers.jsonl", tmp_path / "out" / "p.jsonl"
+    shutil.copy(ASSETS / "cs-validation-sample.jsonl", papers)
+    argv = ["--model-dir", str(out), "--input", str(papers), "--output", str(preds), "--progress", "false"]
+    with pytest.raises(SystemExit, match="cannot be loaded"):
+        infer.infer(cfglib.parse_config(infer.InferConfig, argv, ""))
+    assert not preds.parent.exists() or list(preds.parent.iterdir()) == []

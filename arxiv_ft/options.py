@@ -148,8 +148,9 @@ class TrainConfig:
         "validation data: the only papers any choice is made on (best/, recipes); same kinds as --train-file",
     )
     test_file: str = option(
-        str(ASSETS / "cs-test-sample.jsonl"),
-        "test data: scored once, after training, and never used for a choice; empty = no test evaluation",
+        "auto",
+        "test data: scored once, after training, and never used for a choice; auto = the shipped test sample when "
+        "--eval-file is the shipped validation sample (else none); empty = no test evaluation",
     )
     train_split: str = option("train", "split of a Hub dataset or DatasetDict folder given as --train-file")
     eval_split: str = option("validation", "split of a Hub dataset or DatasetDict folder given as --eval-file")
@@ -272,6 +273,14 @@ class TrainConfig:
         get_objective(self.objective).check(self)
         if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: not 'auto', 'none' or a checkpoint folder")
+
+    @property
+    def test_path(self) -> str:
+        """The test file this run scores ('' for none): --test-file, with `auto` resolved."""
+        if self.test_file != "auto":
+            return self.test_file
+        shipped = str(ASSETS / "cs-validation-sample.jsonl")
+        return str(ASSETS / "cs-test-sample.jsonl") if self.eval_file == shipped else ""
 
     @property
     def dtype_name(self) -> str:

@@ -234,7 +234,7 @@ def check_test_unseen(cfg: TrainConfig, test: list[rec.Record], evals: list[rec.
         shared = sorted(test_ids & ids)
         if shared:
             raise SystemExit(
-                f"--test-file {cfg.test_file}: {len(shared)} test paper(s) are also in {name} (e.g. {shared[0]}); "
+                f"--test-file {cfg.test_path}: {len(shared)} test paper(s) are also in {name} (e.g. {shared[0]}); "
                 "test papers must take no part in training or selection"
             )
 
@@ -810,7 +810,7 @@ def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
         data={
             "train_file": cfg.train_file,
             "eval_file": cfg.eval_file,
-            "test_file": cfg.test_file or None,
+            "test_file": cfg.test_path or None,
             "n_test": len(task.test_records),
             "n_train": len(task.examples),
             "n_eval": len(task.eval_records),

@@ -239,9 +239,9 @@ def load_test(cfg, labels: list[str]) -> list:
 
     A test paper that is also a validation or training paper would make the test number a selection number: refused
     by the caller, which knows those papers."""
-    if not cfg.test_file:
+    if not cfg.test_path:
         return []
     fields = Fields.of(cfg)
-    test = load_split(cfg.test_file, cfg.test_split, fields)
-    check_labels(test, labels, cfg.test_file)
+    test = load_split(cfg.test_path, cfg.test_split, fields)
+    check_labels(test, labels, cfg.test_path)
     return to_records(sample(test, cfg.test_per_class, 0))

@@ -224,7 +224,7 @@ def test_arxiv_ft_without_a_subcommand_lists_them():
 def test_every_shipped_preset_parses_validates_and_names_files_that_exist(preset, monkeypatch):
     monkeypatch.chdir(ROOT)  # presets name their data relative to the repository, where their commands run
     cfg = parse_config(TrainConfig, ["--config", str(preset)], "")
-    for path in (p for p in (cfg.train_file, cfg.eval_file, cfg.test_file) if p):
+    for path in (p for p in (cfg.train_file, cfg.eval_file, cfg.test_path) if p):
         assert (ROOT / path).exists(), f"{preset.name} names {path}, which is not in the repository"
 
 
@@ -240,3 +240,12 @@ def test_train_help_is_grouped_in_sections_that_hold_every_option(capsys):
     assert "(default: )" not in out and "turn --probes off" in out
     assert parse_config(TrainConfig, ["--no-probes", "--no-probe-kl"], "").probes is False
     assert parse_config(TrainConfig, [], "").probe_kl is True
+
+
+def test_the_shipped_test_split_goes_with_the_shipped_validation_split_only():
+    """`--test-file auto`: a run on the shipped papers is scored on the shipped test papers; a run on the user's own
+    evaluation file is not scored on papers of another task (the user names a test file, or gets none)."""
+    assert TrainConfig().test_path.endswith("cs-test-sample.jsonl")
+    assert TrainConfig(eval_file="mine.jsonl").test_path == ""
+    assert TrainConfig(eval_file="mine.jsonl", test_file="their-test.jsonl").test_path == "their-test.jsonl"
+    assert TrainConfig(test_file="").test_path == ""

@@ -17,7 +17,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -696,12 +696,18 @@ def probe_tuned(cfg, launch: Launch, task: Task, trainable: Trainable, base: dic
     model = launch.accelerator.unwrap_model(trainable.model)
     # KL needs the base's next-token distributions: an adapter switched off is the base; full fine-tuning has
     # changed every weight, so the base is loaded again (a second copy, for the probe only).
-    reference = None
+    reference, probes = None, probe_config(cfg)
     if cfg.probe_kl and not hasattr(model, "disable_adapter"):
-        from arxiv_ft.modeling import load_model
+        if launch.kind in ("zero3", "zero3-offload", "fsdp"):
+            # A second, unsharded copy is what sharding is there to avoid (and loading it would enter ZeRO-3's
+            # partitioning): KL is left out here, and the perplexity and multiple-choice probes still run.
+            launch.log("forgetting: KL(base || tuned) is not measured for full fine-tuning under ZeRO-3/FSDP")
+            probes = replace(probes, kl=False)
+        else:
+            from arxiv_ft.modeling import load_model
 
-        reference = load_model(task.source, launch.dtype, cfg.trust_remote_code).to(launch.device)
-    tuned = run_probes(model, task.tokenizer, probe_config(cfg), base_model=reference)
+            reference = load_model(task.source, launch.dtype, cfg.trust_remote_code).to(launch.device)
+    tuned = run_probes(model, task.tokenizer, probes, base_model=reference)
     del reference
     delta = forgetting_delta(base, tuned)
     launch.log("forgetting: " + describe_forgetting(delta))

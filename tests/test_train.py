@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def test_compiled_run_matches_eager_run(tiny_model_dir, tmp_path):
 
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for field in TrainConfig.__dataclass_fields__:
+    for field in (f.name for f in dataclasses.fields(TrainConfig)):
         assert "--" + field.replace("_", "-") in out.stdout
 
 

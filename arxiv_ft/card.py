@@ -21,13 +21,10 @@ def _row(name: str, scores: dict | None) -> str:
     return f"| {name} | {_pct(scores['accuracy'])} | {_pct(scores['macro_f1'])} |"
 
 
-def _score(result: dict | None) -> dict | None:
-    result = result or {}
-    return result.get("score") or result.get("generate")
-
-
 def results_table(metrics: dict, n_test: int, n_validation: int) -> list[str]:
     """Test (final) and validation (selection) scores of the fine-tune and of TF-IDF on the same training papers."""
+    from arxiv_ft.ledger import scored_as
+
     test = metrics.get("test") or {}
     sets = {"validation": (metrics.get("after"), metrics.get("tfidf") or {}, n_validation)}
     if test:
@@ -42,9 +39,9 @@ def results_table(metrics: dict, n_test: int, n_validation: int) -> list[str]:
             cells += [_pct(scores["accuracy"]), _pct(scores["macro_f1"])] if scores else ["—", "—"]
         return f"| {name} | " + " | ".join(cells) + " |"
 
-    zero_shot = _score(metrics.get("before"))
+    zero_shot = scored_as(metrics.get("before"))
     lines.append(row("base model, zero-shot", lambda split, a, t: zero_shot if split == "validation" else None))
-    lines.append(row("**this fine-tune**", lambda split, a, t: _score(a)))
+    lines.append(row("**this fine-tune**", lambda split, a, t: scored_as(a)))
     names = {
         "tuned_llm_text": "TF-IDF word+char, C by CV on the training papers, the text the LLM reads",
         "tuned_full_text": "TF-IDF word+char, C by CV on the training papers, full abstract",

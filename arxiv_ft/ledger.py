@@ -160,6 +160,12 @@ def _score_problems(section: str, scored) -> list[str]:
     return problems
 
 
+def scored_as(result: dict | None) -> dict | None:
+    """An evaluation's label-scoring result, or its generation result under --eval-mode generate."""
+    result = result or {}
+    return result.get("score") or result.get("generate")
+
+
 def scores(metrics: dict | None, with_papers: bool = True) -> dict | None:
     """The ledger's view of a classification result: accuracy, macro-F1, n (and per-paper outcomes)."""
     if not metrics:

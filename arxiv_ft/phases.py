@@ -40,7 +40,7 @@ from arxiv_ft.data import (
 from arxiv_ft.fileio import FolderLock, cached_json, fsync_dir, fsync_tree, read_json, write_json
 from arxiv_ft.fit import Setup, Stopped, TrainState, lr_schedule
 from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, describe_forgetting, forgetting_delta, run_probes
-from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
+from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scored_as, scores
 from arxiv_ft.merge import merge_run
 from arxiv_ft.methods import Method, get_method
 from arxiv_ft.metrics import format_report, model_flops_utilisation, peak_flops, peak_memory_bytes
@@ -372,7 +372,7 @@ def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable
     compute = lambda: run_evaluation(cfg, launch, task, trainable, "zero-shot")  # noqa: E731
     result, cached = cached_json(cache_dir() / "zero-shot", "zero-shot", key, compute, write=launch.is_main)
     if cached:
-        score = result.get("score") or result.get("generate")
+        score = scored_as(result)
         launch.log(f"[zero-shot] accuracy {score['accuracy']:.4f} macro-F1 {score['macro_f1']:.4f} (cached)")
     return result
 
@@ -620,7 +620,7 @@ def stop_if_asked(should_stop, cfg, launch, task, trainable, setup, state: Train
 def evaluate_and_keep_best(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, state) -> None:
     """A periodic evaluation: log it, track it, and keep best/ by macro-F1."""
     result = run_evaluation(cfg, launch, task, trainable, f"step {state.step}")
-    score = result.get("score") or result.get("generate")
+    score = scored_as(result)
     entry = {"step": state.step, "accuracy": score["accuracy"], "macro_f1": score["macro_f1"]}
     state.evals.append(entry)
     launch.accelerator.log({"eval/accuracy": entry["accuracy"], "eval/macro_f1": entry["macro_f1"]}, step=state.step)
@@ -839,12 +839,6 @@ def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
         run_name=cfg.run_name or Path(cfg.output_dir).name,
     )
     ledger.write(Path(cfg.output_dir) / "ledger.json")
-
-
-def scored_as(result: dict | None) -> dict | None:
-    """An evaluation's label-scoring result, or its generation result under --eval-mode generate."""
-    result = result or {}
-    return result.get("score") or result.get("generate")
 
 
 def tfidf_scores(rows: dict | None) -> dict:

@@ -125,7 +125,7 @@ def in_run_baseline_rows(ledger: dict, split: str) -> list[dict]:
         scores = scored_section(ledger, split).get(entry)
         if not scores:
             continue
-        row = {key: None for key in _ROW_KEYS}
+        row = dict.fromkeys(run_row(ledger, split=split))  # a run's columns, empty: a baseline fills a few
         row |= {
             "run_id": f"{ledger['run_id']}:{entry}",
             "method": "tfidf-svm",
@@ -200,16 +200,6 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None, split: str
     # Per-paper outcomes (when the ledger has them): what the paired bootstrap resamples.
     row["outcomes"] = dict(zip(after["ids"], after["correct"])) if after.get("ids") is not None else None
     return row
-
-
-_ROW_KEYS = (
-    *("run_id", "method", "seed", "model", "group", "n_train", "n_eval", "acc_before", "acc_after", "f1_before"),
-    *("f1_after", "ppl_before", "ppl_after", "ppl_delta", "ppl_ratio", "mc_before", "mc_after", "mc_delta"),
-    *("mc_items", "mc_items_lost", "mc_items_gained", "kl", "wall_seconds", "train_seconds", "device_type"),
-    *("device_count", "device_hours", "tokens_per_second", "mfu", "peak_memory_bytes", "trainable_parameters"),
-    *("cost", "loss_curve", "acc_gain", "f1_gain", "tfidf_acc", "outcomes", "ppl_change_pct", "forgetting_ci95"),
-    *("mc_probe_items", "ppl_probe_tokens"),
-)
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None, int]:

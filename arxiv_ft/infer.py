@@ -56,7 +56,7 @@ def infer(cfg: InferConfig) -> dict:
     lock = claim(output, state)
     started_here = not output.side("run.json").exists()
     try:
-        classify_all(cfg, state, output, spec, paths, run)
+        classify_all(cfg, state, output, spec, paths, run, dtype)
     except BaseException:
         # A run that failed before writing any prediction leaves nothing behind (its run.json would only refuse
         # the next attempt with other arguments); one with predictions keeps everything for the resume.
@@ -68,14 +68,11 @@ def infer(cfg: InferConfig) -> dict:
     return json.loads(Path(output.side("summary.json")).read_text())
 
 
-def classify_all(cfg: InferConfig, state, output, spec: dict, paths, run: dict) -> None:
+def classify_all(cfg: InferConfig, state, output, spec: dict, paths, run: dict, dtype) -> None:
     """Check and record the run, classify this process's share, and (process 0) merge and write the summary."""
     from accelerate.utils import gather_object
 
-    from arxiv_ft.modeling import resolve_dtype
-
     rank, world = state.process_index, state.num_processes
-    dtype = resolve_dtype(cfg.dtype, state.device)
     output.check_run(run)  # every process checks, so all of them stop alike
     if state.is_main_process:
         output.write_run(run)

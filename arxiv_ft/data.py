@@ -10,6 +10,9 @@ Labels never depend on the pad id, so a tokenizer whose pad token is its EOS (Sm
 from __future__ import annotations
 
 import collections
+import contextlib
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +32,33 @@ class TokenizationError(ValueError):
 
 class ChatTemplateError(TokenizationError):
     """The tokenizer's chat template refused the prompt's messages (Gemma's raises on a system turn)."""
+
+
+TEMPLATE_SECONDS = 10.0  # a chat template's first renders take milliseconds; one running longer is refused
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Stop what runs inside after `seconds` with a ChatTemplateError (jinja's sandbox bounds `range`, not nested
+    loops: a template that loops 10^10 times ran for minutes). Only the main thread of a Unix process can be
+    interrupted; elsewhere the block runs unbounded."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise ChatTemplateError(
+            f"the chat template took over {seconds:.0f} s to render a two-line prompt: it loops without bound; "
+            "fix chat_template.jinja or pass --chat-template chatml|llama3|FILE.jinja"
+        )
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -94,7 +124,8 @@ class PromptBuilder:
         # Strings the tokenizer turns into control tokens wherever they appear (`<|im_end|>`, `<|eot_id|>`, ...).
         added = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
         self._control = sorted((t for t in added | set(tokenizer.all_special_tokens) if len(t) > 1), key=len)[::-1]
-        self.end_of_turn = self._end_of_turn()
+        with _time_limit(TEMPLATE_SECONDS):
+            self.end_of_turn = self._end_of_turn()
         self.label_targets = {label: self._encode(label + self.end_of_turn) for label in self.labels}
         self.label_decisions = _decision_positions([self.label_targets[label] for label in self.labels])
         self._prefix = self._common_prefix()

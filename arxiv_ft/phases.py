@@ -482,6 +482,7 @@ def save_weights(cfg, launch: Launch, task: Task, trainable: Trainable, setup: S
             head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
         run.write_weights(launch.method, model, state_dict=state_dict, head_state=head)
         run.write_task(to_dict(cfg), task.labels, task.prompt, task.source.record())
+        run.write_tokenizer(task.tokenizer)  # every loadable folder carries its own tokenizer and chat template
         run.fix_adapter_base(task.source.hub_id())
 
 

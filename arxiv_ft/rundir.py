@@ -55,7 +55,8 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / CONFIG, config)
         atomic_write(self.path / LABELS, "\n".join(labels) + "\n")
-        write_json(self.path / PROMPT, prompt.to_json())
+        # The label set is recorded in prompt.json too: labels.txt alone, reordered or cut, would silently relabel.
+        write_json(self.path / PROMPT, {**prompt.to_json(), "labels": labels})
         write_json(self.path / BASE, base)
 
     def write_weights(self, method, model, state_dict=None, head_state: dict | None = None) -> None:
@@ -103,6 +104,7 @@ class RunDir:
         for name in (LABELS, PROMPT, CONFIG):
             if not (self.path / name).is_file():
                 raise SystemExit(f"{self.path} is not a train.py output folder: {name} is missing")
+        self._refuse_outside_links()
         from arxiv_ft import checkpoints as ckpt
 
         if (self.path / ckpt.COMPLETE).is_file():  # a checkpoint: its files must be the ones its manifest names
@@ -125,9 +127,33 @@ class RunDir:
         return read_json(self.path / CONFIG)
 
     def labels(self) -> list[str]:
+        """labels.txt, checked against the label set recorded at training (a reordered or cut file would map the
+        model's answers to other labels without a word)."""
         from arxiv_ft.records import read_labels
 
-        return read_labels(self.path / LABELS)
+        try:
+            labels = read_labels(self.path / LABELS)
+        except ValueError as exc:
+            raise SystemExit(f"{exc} (the run's label file is damaged: restore it from the run)") from None
+        recorded = read_json(self.path / PROMPT).get("labels")
+        if recorded is not None and labels != recorded:
+            raise SystemExit(
+                f"{self.path / LABELS}: {len(labels)} labels ({', '.join(labels[:3])}, ...) differ from the "
+                f"{len(recorded)} this model was trained with ({', '.join(recorded[:3])}, ...; recorded in "
+                f"{PROMPT}): the file was changed after training; restore it"
+            )
+        return labels
+
+    def _refuse_outside_links(self) -> None:
+        """A task or tokenizer file that is a link to somewhere outside the folder is refused: its contents would
+        become this model's labels, prompt or template."""
+        root = self.path.resolve()
+        for name in (LABELS, PROMPT, CONFIG, BASE, *_TOKENIZER_FILES):
+            path = self.path / name
+            if path.is_symlink() and root not in path.resolve().parents:
+                raise SystemExit(
+                    f"{path} is a link to {path.resolve()}, outside the run folder: copy the file in instead"
+                )
 
     def prompt(self) -> PromptSpec:
         return PromptSpec.from_json(read_json(self.path / PROMPT))
@@ -167,13 +193,26 @@ class RunDir:
         return head.to(device or "cpu").eval()
 
     def load_tokenizer(self, trust_remote_code: bool = False):
-        """The tokenizer saved with the run (a checkpoint may carry none: then the run's own, then the base's)."""
+        """The tokenizer saved with this folder; a checkpoint or best/ written before they carried one takes the run's
+        that holds it (`run/best`, `run/checkpoints/step-N`), never that of an unrelated folder around it; else the
+        base's."""
         from arxiv_ft.modeling import load_tokenizer
 
-        for folder in (self.path, self.path.parent.parent, self.path.parent):
-            if (folder / "tokenizer_config.json").is_file():
+        for folder in (self.path, self.owner()):
+            if folder is not None and (folder / "tokenizer_config.json").is_file():
                 return load_tokenizer(str(folder), trust_remote_code)
         return load_tokenizer(self.base_source(), trust_remote_code)
+
+    def owner(self) -> Path | None:
+        """The run folder this is the `best/` or a checkpoint of, when it lies where that run wrote it."""
+        here = self.path.resolve()
+        if here.name == BEST:
+            run = here.parent
+        elif here.parent.name == CHECKPOINTS and here.name.startswith("step-"):
+            run = here.parent.parent
+        else:
+            return None
+        return run if (run / CONFIG).is_file() and (run / LABELS).is_file() else None
 
     def load_model(self, dtype, trust_remote_code: bool = False):
         """The trained model, loaded the way its method saved it; damaged files are named, not a library traceback."""

@@ -342,3 +342,69 @@ def test_a_damaged_adapter_is_named_not_a_library_traceback(lora_run, tmp_path, 
     with pytest.raises(SystemExit, match="cannot be loaded"):
         infer.infer(cfglib.parse_config(infer.InferConfig, argv, ""))
     assert not preds.parent.exists() or list(preds.parent.iterdir()) == []
+
+
+def test_best_and_checkpoints_carry_their_own_tokenizer_not_the_folder_around_them(lora_run, tmp_path):
+    """best/ copied into a folder that holds another tokenizer and chat template was loaded with the parent's."""
+    out, _ = lora_run
+    for folder in (out / "best", complete_checkpoints(out)[-1]):
+        assert (folder / "tokenizer_config.json").is_file()
+    parent = tmp_path / "elsewhere"
+    shutil.copytree(out / "best", parent / "best")
+    trained = RunDir(out).load_tokenizer().chat_template
+    foreign = RunDir(out).load_tokenizer()
+    foreign.chat_template = "{% for m in messages %}FOREIGN {{ m['content'] }}{% endfor %}"
+    foreign.save_pretrained(parent)
+    assert RunDir(parent / "best").load_tokenizer().chat_template == trained
+    # A best/ written before best/ carried a tokenizer takes its own run's, never an unrelated folder's.
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (parent / "best" / name).unlink(missing_ok=True)
+    assert RunDir(parent / "best").owner() is None
+    assert "FOREIGN" not in (RunDir(parent / "best").load_tokenizer().chat_template or "")
+    assert RunDir(out / "best").owner() == out.resolve()
+
+
+def test_a_changed_or_linked_label_file_is_refused(lora_run, tmp_path):
+    """labels.txt reordered, cut to one label, or a link to a file elsewhere: the model's answers would be read as
+    other labels; each is refused naming the file."""
+    out = tmp_path / "copy"
+    shutil.copytree(lora_run[0], out, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    labels = (out / "labels.txt").read_text().split()
+    (out / "labels.txt").write_text("\n".join(reversed(labels)) + "\n")
+    with pytest.raises(SystemExit, match="labels.txt: 21 labels .* differ from the 21 this model was trained with"):
+        Classifier.from_pretrained(out, device="cpu")
+    (out / "labels.txt").write_text(labels[0] + "\n")
+    with pytest.raises(SystemExit, match="differ from the 21"):
+        Classifier.from_pretrained(out, device="cpu")
+    elsewhere = tmp_path / "other-labels.txt"
+    elsewhere.write_text("\n".join(labels) + "\n")
+    (out / "labels.txt").unlink()
+    (out / "labels.txt").symlink_to(elsewhere)
+    with pytest.raises(SystemExit, match="is a link to .*outside the run folder"):
+        Classifier.from_pretrained(out, device="cpu")
+    (out / "labels.txt").unlink()
+    (out / "labels.txt").write_text("\n".join(labels) + "\n")
+    assert Classifier.from_pretrained(out, device="cpu").labels == labels
+
+
+def test_a_chat_template_that_loops_without_bound_is_stopped(tokenizer, labels, monkeypatch):
+    """A chat_template.jinja with nested loops of 10^10 iterations made Classifier.from_pretrained run for minutes."""
+    import copy
+    import time
+
+    from arxiv_ft import data
+    from arxiv_ft.prompts import PromptSpec
+
+    slow = copy.deepcopy(tokenizer)
+    slow.chat_template = (
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x{% endfor %}"
+        "{% endfor %}{% endfor %}"
+    )
+    monkeypatch.setattr(data, "TEMPLATE_SECONDS", 1.0)
+    started = time.monotonic()
+    with pytest.raises(data.ChatTemplateError, match="loops without bound"):
+        data.PromptBuilder.from_spec(slow, PromptSpec(), labels)
+    assert time.monotonic() - started < 10
+    import signal
+
+    assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL  # the handler is put back

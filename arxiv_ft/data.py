@@ -15,11 +15,13 @@ import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from jinja2 import TemplateError
 
+from arxiv_ft.fileio import atomic_write, file_digest
 from arxiv_ft.prompts import BUDGETS, PromptSpec, PromptTemplate, get_template, record_messages
 from arxiv_ft.records import Record
 
@@ -297,6 +299,30 @@ class TokenizedExamples(Sequence):
         return Example(row["id"], row["label"], row["prompt_ids"], row["target_ids"], row["label_index"])
 
 
+def _digest_file(cache_file: Path) -> Path:
+    return cache_file.with_name(cache_file.name + ".sha256")
+
+
+def _verified_cache(cache_file: Path) -> bool:
+    """Whether the cache entry holds what was written there: its SHA-256 matches the one recorded when it was written.
+    An entry emptied, cut short or replaced under its own name (it was trained on silently) is removed, to be rebuilt.
+    """
+    import logging
+
+    if not cache_file.is_file():
+        return False
+    recorded = _digest_file(cache_file)
+    if recorded.is_file() and recorded.read_text().strip() == file_digest(cache_file):
+        return True
+    logging.getLogger(__name__).warning(
+        "%s: the tokenisation cache entry does not match the digest recorded when it was written (damaged, "
+        "replaced, or written by an older version): rebuilding it",
+        cache_file,
+    )
+    cache_file.unlink(missing_ok=True)
+    return False
+
+
 def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=None):
     """Tokenise a normalised dataset (sources.normalise) into examples with `datasets.map`, cached on disk.
 
@@ -308,7 +334,6 @@ def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=N
     import contextlib
     import hashlib
     import json
-    from pathlib import Path
 
     tokenizer = builder.tokenizer
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
@@ -322,7 +347,7 @@ def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=N
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
     cache_file = Path(cache_dir) / f"tokenized-{fingerprint}.arrow"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     prefix = builder.shared_prefix_ids()
 
     def tokenize(batch):
@@ -344,15 +369,24 @@ def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=N
 
     first = main_process_first() if main_process_first is not None else contextlib.nullcontext()
     with first:
-        tokenized = ds.map(
-            tokenize,
-            batched=True,
-            remove_columns=ds.column_names,
-            cache_file_name=str(cache_file),
-            load_from_cache_file=True,
-            new_fingerprint=fingerprint,
-            desc="tokenize",
-        )
+        trusted = _verified_cache(cache_file)
+        before = set(cache_file.parent.glob("tmp*"))
+        try:
+            tokenized = ds.map(
+                tokenize,
+                batched=True,
+                remove_columns=ds.column_names,
+                cache_file_name=str(cache_file),
+                load_from_cache_file=trusted,
+                new_fingerprint=fingerprint,
+                desc="tokenize",
+            )
+        except BaseException:  # a full disk, a kill: the temporary file `datasets` was writing is not left behind
+            for leftover in set(cache_file.parent.glob("tmp*")) - before:
+                leftover.unlink(missing_ok=True)
+            raise
+        if not trusted and cache_file.is_file():
+            atomic_write(_digest_file(cache_file), file_digest(cache_file) + "\n")
     dropped = collections.Counter(r for r in tokenized["dropped"] if r)
     kept = [i for i, reason in enumerate(tokenized["dropped"]) if not reason]
     stats = {"kept": len(kept), "truncated": int(sum(tokenized["truncated"])), "dropped": dict(dropped)}

@@ -94,8 +94,11 @@ def fsync_tree(folder: str | Path) -> None:
 
 def cache_root() -> Path:
     """Where this project caches what it derives (converted models, probes, datasets): $ARXIV_FT_CACHE, else
-    ~/.cache/arxiv_ft."""
-    return Path(os.environ.get("ARXIV_FT_CACHE", Path.home() / ".cache" / "arxiv_ft"))
+    ~/.cache/arxiv_ft. Created private to its user (what it holds is trained on without being re-read)."""
+    root = Path(os.environ.get("ARXIV_FT_CACHE", Path.home() / ".cache" / "arxiv_ft"))
+    if not root.exists():
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return root
 
 
 def file_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

@@ -181,3 +181,45 @@ def test_a_numeric_label_column_is_a_clear_error(tmp_path, papers):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "floats.parquet"))
     with pytest.raises(SourceError, match="row 1: 'categories' is nan"):
         load_split(str(tmp_path / "floats.parquet"), "train", Fields())
+
+
+@pytest.mark.parametrize("damage", ["emptied", "cut short", "replaced"])
+def test_a_damaged_or_replaced_tokenisation_cache_entry_is_rebuilt(tmp_path, papers, tokenizer, labels, damage):
+    """An emptied or truncated cache entry crashed every later run (ArrowInvalid); one replaced under its own name (8
+    rows, all one label) was trained on silently. Each is rebuilt from the papers."""
+    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), labels, 160)
+    ds = load_split(str(write_sources(tmp_path, papers)["jsonl"][0]), "train", Fields())
+    cache = tmp_path / "cache"
+    want = [e.prompt_ids for e in tokenize_dataset(builder, ds, cache)[0]]
+    (entry,) = cache.glob("tokenized-*.arrow")
+    if damage == "emptied":
+        entry.write_bytes(b"")
+    elif damage == "cut short":
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    else:  # a valid Arrow file of other rows, written by the same code for 8 papers of one label
+        (tmp_path / "few").mkdir()
+        few = load_split(str(write_sources(tmp_path / "few", papers[:8])["jsonl"][0]), "train", Fields())
+        other = tokenize_dataset(builder, few, tmp_path / "other")[0]
+        (written,) = (tmp_path / "other").glob("tokenized-*.arrow")
+        shutil.copy(written, entry)
+        assert len(other) == 8
+    again, stats, _ = tokenize_dataset(builder, ds, cache)
+    assert [e.prompt_ids for e in again] == want and stats["kept"] == N
+
+
+def test_a_failed_tokenisation_leaves_no_temporary_file(tmp_path, papers, tokenizer, labels, monkeypatch):
+    """A full disk while `datasets` wrote the cache entry left its temporary file behind."""
+    from datasets import arrow_writer
+
+    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), labels, 160)
+    ds = load_split(str(write_sources(tmp_path, papers)["jsonl"][0]), "train", Fields())
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(arrow_writer.ArrowWriter, "finalize", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            tokenize_dataset(builder, ds, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert len(tokenize_dataset(builder, ds, tmp_path / "cache")[0]) == N

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -51,8 +52,16 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial")]
-    return sorted((p for p in found if (p / COMPLETE).is_file()), key=_step_of)
+    found = []
+    for path in root.glob("step-*"):
+        if path.name.endswith(".partial"):
+            continue
+        if not re.fullmatch(r"step-\d+", path.name) or not path.is_dir():  # a user's copy such as step-latest
+            logger.warning("%s: not a checkpoint of this project (step-NUMBER): ignored", path)
+            continue
+        if (path / COMPLETE).is_file():
+            found.append(path)
+    return sorted(found, key=_step_of)
 
 
 def _manifest(folder: Path) -> dict:

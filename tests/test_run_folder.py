@@ -408,3 +408,22 @@ def test_a_chat_template_that_loops_without_bound_is_stopped(tokenizer, labels, 
     import signal
 
     assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL  # the handler is put back
+
+
+def test_stray_folders_among_checkpoints_and_a_lock_that_is_a_folder(lora_run, tmp_path, caplog):
+    """checkpoints/step-latest (a user's copy) or step- made resume crash with `invalid literal for int()`; a `.lock`
+    that is a folder crashed with IsADirectoryError."""
+    from arxiv_ft.checkpoints import find_resume
+    from arxiv_ft.fileio import FolderLock
+
+    out = tmp_path / "copy"
+    shutil.copytree(lora_run[0], out)
+    newest = complete_checkpoints(out)[-1]
+    shutil.copytree(newest, out / "checkpoints" / "step-latest")
+    (out / "checkpoints" / "step-").write_text("")
+    with caplog.at_level("WARNING"):
+        assert find_resume(out, "auto")[0] == newest
+    assert "step-latest: not a checkpoint of this project" in caplog.text
+    (tmp_path / "locked" / ".lock").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"\.lock is a folder where train\.py keeps its lock file"):
+        FolderLock(tmp_path / "locked").acquire("train.py")

@@ -134,8 +134,8 @@ def iter_records_and_rejects(path: str | Path) -> Iterator[tuple[int, Record | R
                 continue
             try:
                 obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line_no, Reject(str(path), line_no, f"malformed JSON: {exc.msg}", text.rstrip("\n"))
+            except (ValueError, RecursionError) as exc:  # also: nested past the recursion limit, 4,300+-digit numbers
+                yield line_no, Reject(str(path), line_no, f"malformed JSON: {_json_problem(exc)}", text.rstrip("\n"))
                 continue
             try:
                 yield line_no, parse_record(obj)
@@ -144,6 +144,14 @@ def iter_records_and_rejects(path: str | Path) -> Iterator[tuple[int, Record | R
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         # A gzip cut short mid-stream: everything before it was yielded; say where it stopped.
         yield line_no + 1, Reject(str(path), line_no + 1, f"truncated or corrupt gzip: {exc}", "")
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read"
+    return f"a value cannot be read ({str(exc).split(';')[0]})"
 
 
 def _lenient(raw: bytes) -> str:

@@ -10,6 +10,7 @@ is cached beside them, so a second process or a requeued job reads the cache ins
 from __future__ import annotations
 
 import collections
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ def load_raw(spec: str, split: str):
     cache = _content_cache(spec) if kind is not None else None
     if kind == "json" and not any(line.strip() for _, line in zip(range(1000), _lines(spec))):
         return datasets.Dataset.from_dict({})  # an empty file: no papers (pyarrow refuses to read it at all)
+    if kind == "json":
+        _refuse_deep_lines(spec)
     try:
         if kind == "csv":
             # Every column as text: type inference would turn the id 2511.18900 into the float 2511.189 (and the
@@ -103,6 +106,22 @@ def load_raw(spec: str, split: str):
                 if isinstance(item, rec.Reject) and item.reason.startswith(("malformed JSON", "invalid UTF-8")):
                     raise SourceError(f"{spec}:{line_no}: {item.reason}") from None
         raise SourceError(f"{spec}: cannot be read as {kind or 'a dataset'}: {exc}") from None
+
+
+_BRACKETS = 1000  # a line with more brackets than this is parsed once here first (a 3,000-author list is fine)
+
+
+def _refuse_deep_lines(spec: str) -> None:
+    """pyarrow's JSON reader crashes the process (a segmentation fault, no message) on a line nested ~10^5 deep: such
+    a line is found first, by Python's parser, which refuses it, and named."""
+    for line_no, line in enumerate(_lines(spec), 1):
+        if line.count(b"[") + line.count(b"{") > _BRACKETS:
+            try:
+                json.loads(line)
+            except RecursionError:
+                raise SourceError(f"{spec}:{line_no}: malformed JSON: nested too deeply to read") from None
+            except ValueError:
+                pass  # pyarrow reads it and fails cleanly; the error handler below names the line
 
 
 def _lines(spec: str):

@@ -145,3 +145,22 @@ def test_parquet_rows_stream_as_records_with_rejects(tmp_path):
     items = list(iter_records_and_rejects(tmp_path / "p.parquet"))
     assert [(n, type(x).__name__) for n, x in items] == [(1, "Record"), (2, "Reject"), (3, "Record")]
     assert items[2][1].primary == "cs.AI"
+
+
+def test_a_line_nested_too_deeply_or_with_a_huge_number_is_a_rejected_line(tmp_path):
+    """One such line crashed infer.py (RecursionError / ValueError) and the training load."""
+    from arxiv_ft.sources import Fields, SourceError, load_split
+
+    good = {"id": "1", "title": "T", "abstract": "A", "categories": "cs.LG"}
+    nested = '{"id": "2", "title": "T", "abstract": "A", "categories": "cs.LG", "x": ' + "[" * 200_000
+    nested += "]" * 200_000 + "}"
+    huge = '{"id": "3", "title": "T", "abstract": "A", "categories": "cs.LG", "n": ' + "9" * 5000 + "}"
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join([json.dumps(good), nested, huge, json.dumps({**good, "id": "4"})]) + "\n")
+    items = list(iter_records_and_rejects(path))
+    assert [r.id for _, r in items if not isinstance(r, Reject)] == ["1", "4"]
+    rejects = {n: r.reason for n, r in items if isinstance(r, Reject)}
+    assert rejects[2] == "malformed JSON: nested too deeply to read"
+    assert rejects[3].startswith("malformed JSON: a value cannot be read (Exceeds the limit (4300 digits)")
+    with pytest.raises(SourceError, match=r"odd.jsonl:2: malformed JSON: nested too deeply"):
+        load_split(str(path), "train", Fields())

@@ -72,11 +72,7 @@ def load_raw(spec: str, split: str):
         if kind == "csv":
             # Every column as text: type inference would turn the id 2511.18900 into the float 2511.189 (and the
             # title "NA" into a missing value).
-            import csv
-
-            with open(spec, newline="", encoding="utf-8") as fh:
-                header = next(csv.reader(fh), [])
-            features = datasets.Features({name: datasets.Value("string") for name in header})
+            features = datasets.Features({name: datasets.Value("string") for name in _csv_header(spec)})
             return datasets.load_dataset(
                 "csv",
                 data_files=spec,
@@ -84,8 +80,11 @@ def load_raw(spec: str, split: str):
                 features=features,
                 keep_default_na=False,
                 na_filter=False,
+                encoding="utf-8-sig",  # a byte-order mark (Excel writes one) is not part of the first column's name
                 cache_dir=cache,
             )
+        if kind == "parquet" and _parquet_rows(spec) == 0:
+            return datasets.Dataset.from_dict({})  # no papers (datasets says "corresponds to no data")
         if kind is not None:
             return datasets.load_dataset(kind, data_files=spec, split="train", cache_dir=cache)
         if Path(spec).is_dir():
@@ -122,6 +121,35 @@ def _refuse_deep_lines(spec: str) -> None:
                 raise SourceError(f"{spec}:{line_no}: malformed JSON: nested too deeply to read") from None
             except ValueError:
                 pass  # pyarrow reads it and fails cleanly; the error handler below names the line
+
+
+def _csv_header(spec: str) -> list[str]:
+    """A CSV file's column names, after checking what pandas would report only as "An error occurred while generating
+    the dataset": a column named twice, a row with more or fewer fields than the header (named by line)."""
+    import csv
+
+    with open(spec, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise SourceError(f"{spec}: column {', '.join(map(repr, twice))} appears more than once in the header")
+        for row in reader:
+            if row and len(row) != len(header):
+                raise SourceError(
+                    f"{spec}:{reader.line_num}: {len(row)} fields where the header has {len(header)} (an unquoted "
+                    "comma or a missing field?)"
+                )
+    return header
+
+
+def _parquet_rows(spec: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(spec).metadata.num_rows
+    except Exception:  # not readable: datasets' own error names it below
+        return -1
 
 
 def _lines(spec: str):

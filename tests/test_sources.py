@@ -223,3 +223,29 @@ def test_a_failed_tokenisation_leaves_no_temporary_file(tmp_path, papers, tokeni
             tokenize_dataset(builder, ds, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
     assert len(tokenize_dataset(builder, ds, tmp_path / "cache")[0]) == N
+
+
+def test_csv_with_a_bom_is_read_and_broken_csv_or_empty_parquet_is_named(tmp_path, papers):
+    """A CSV saved by Excel (UTF-8 byte-order mark) failed with "An error occurred while generating the dataset", as
+    did ragged rows; a column named twice was read silently; an empty Parquet file said "corresponds to no data"."""
+    import csv
+
+    import datasets
+
+    header = ["id", "title", "abstract", "categories"]
+    rows = [[r.id, r.title, r.abstract, r.primary] for r in papers[:5]]
+
+    def write(name, table, encoding="utf-8"):
+        with open(tmp_path / name, "w", newline="", encoding=encoding) as fh:
+            csv.writer(fh).writerows(table)
+        return str(tmp_path / name)
+
+    ds = load_split(write("bom.csv", [header, *rows], "utf-8-sig"), "train", Fields())
+    assert ds["id"] == [r[0] for r in rows] and ds["primary"] == [r[3] for r in rows]
+    with pytest.raises(SourceError, match=r"dup.csv: column 'title' appears more than once"):
+        load_split(write("dup.csv", [[*header, "title"], *[[*r, r[1]] for r in rows]]), "train", Fields())
+    ragged = [header, *rows[:2], [*rows[2], "extra"], *rows[3:]]
+    with pytest.raises(SourceError, match=r"ragged.csv:4: 5 fields where the header has 4"):
+        load_split(write("ragged.csv", ragged), "train", Fields())
+    datasets.Dataset.from_dict({name: [] for name in header}).to_parquet(str(tmp_path / "empty.parquet"))
+    assert len(load_split(str(tmp_path / "empty.parquet"), "train", Fields())) == 0

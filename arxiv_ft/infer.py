@@ -278,18 +278,24 @@ def load_classifier(cfg: InferConfig, spec: dict, device, dtype):
     """The model to classify with: a run folder's, or a base model (zero-shot)."""
     from arxiv_ft.classifier import Classifier
     from arxiv_ft.data import PromptBuilder
-    from arxiv_ft.modeling import load_model, load_tokenizer
+    from arxiv_ft.modeling import ModelSource, load_model, load_tokenizer, model_config
+    from arxiv_ft.scoring import check_scoring_memory
 
-    if spec["run"] is not None:
-        run = spec["run"]
-        model = run.load_model(dtype, cfg.trust_remote_code)
-        tokenizer, head = run.load_tokenizer(cfg.trust_remote_code), run.load_head(device)
+    run = spec["run"]
+    if run is not None:
+        tokenizer, source = run.load_tokenizer(cfg.trust_remote_code), run.base_source()
     else:
-        model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-        tokenizer, head = load_tokenizer(cfg.model, cfg.trust_remote_code), None
+        tokenizer, source = load_tokenizer(cfg.model, cfg.trust_remote_code), ModelSource(cfg.model)
         if tokenizer.chat_template is None:
             raise SystemExit(f"the tokenizer of {cfg.model!r} has no chat template: zero-shot needs a chat model")
     builder = PromptBuilder.from_spec(tokenizer, spec["prompt"], spec["labels"])
+    config = model_config(source, cfg.trust_remote_code)
+    if config is not None and cfg.mode == "score" and (run is None or not run.has_head()):
+        check_scoring_memory(builder, config, cfg.batch_size, device, "--batch-size")  # before the model loads
+    if run is not None:
+        model, head = run.load_model(dtype, cfg.trust_remote_code), run.load_head(device)
+    else:
+        model, head = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code), None
     return Classifier(model.to(device).eval(), tokenizer, builder, head)
 
 

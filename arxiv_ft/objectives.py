@@ -24,6 +24,8 @@ class Objective:
     help: str = "mean cross-entropy over the answer tokens (label + end-of-turn)"
     whole_prompts: bool = False  # scores every label from the prompt alone: collates prompts, cannot pack
     needs_prefix_cache: bool = False  # continues from the prompt's KV cache: no gradient checkpointing
+    trie_in_training: bool = False  # every training step runs the label trie (its memory grows with the labels)
+    scores_with_head: bool = False  # evaluation reads a classification head instead of scoring the label trie
 
     def check(self, cfg) -> None:
         """Refuse the options this objective cannot honour (before anything loads)."""
@@ -82,6 +84,7 @@ class LabelSoftmax(Objective):
     help: str = "cross-entropy over the labels' sequence log-likelihoods (what scoring ranks)"
     whole_prompts: bool = True
     needs_prefix_cache: bool = True
+    trie_in_training: bool = True
 
     def build(self, model, builder, labels: list[str], prefix: list[int], device):
         from arxiv_ft.loss import LabelSoftmaxLoss, LabelTree
@@ -105,6 +108,8 @@ class ClassificationHead(LabelSoftmax):
     name: str = "cls-head"
     help: str = "a linear head on the last prompt token"
     needs_prefix_cache: bool = False
+    trie_in_training: bool = False
+    scores_with_head: bool = True
 
     def build(self, model, builder, labels: list[str], prefix: list[int], device):
         from arxiv_ft.loss import ClassificationHead as Head

@@ -59,6 +59,7 @@ from arxiv_ft.objectives import get_objective
 from arxiv_ft.options import TrainConfig
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
+from arxiv_ft.scoring import check_scoring_memory
 from arxiv_ft.sources import SourceError, load_test, to_records
 from arxiv_ft.sources import load_task as load_papers
 
@@ -276,6 +277,7 @@ class Trainable:
 def build(cfg: TrainConfig, launch: Launch, task: Task) -> Trainable:
     """Load the base, apply the method, and wrap model + loss as the objective asks."""
     log_memory_estimate(cfg, launch, task)
+    check_label_memory(cfg, launch, task)
     model = launch.method.build(task.source, cfg, launch.dtype, launch.device, launch.accelerator.local_process_index)
     n_trainable, n_total = count_parameters(model)
     launch.log(f"{cfg.method}: {n_trainable:,} trainable of {n_total:,} parameters")
@@ -311,6 +313,22 @@ def log_memory_estimate(cfg: TrainConfig, launch: Launch, task: Task) -> None:
         launch.log(f"memory estimate for {cfg.model} failed: {exc}")
         return
     launch.log(f"memory estimate for {cfg.model} ({cfg.method}, {launch.dtype}): {estimate.describe()}")
+
+
+def check_label_memory(cfg: TrainConfig, launch: Launch, task: Task) -> None:
+    """Before the base loads: a label set whose trie cannot be scored (or trained through) in this device's memory is
+    refused now, not after training (see scoring.check_scoring_memory)."""
+    objective = get_objective(cfg.objective)
+    try:
+        config = model_config(task.source, cfg.trust_remote_code)
+    except Exception:  # no config here: the estimate is skipped, as log_memory_estimate's is
+        config = None
+    if config is None:
+        return
+    if cfg.eval_mode != "generate" and not objective.scores_with_head:
+        check_scoring_memory(task.builder, config, cfg.eval_batch_size, launch.device, "--eval-batch-size")
+    if objective.trie_in_training:
+        check_scoring_memory(task.builder, config, cfg.batch_size, launch.device, "--batch-size", factor=3)
 
 
 def head_size(head) -> int:

@@ -95,6 +95,60 @@ class HeadScorer(LabelScorer):
         return torch.log_softmax(self.head(hidden), dim=-1).cpu()
 
 
+def trie_nodes(builder: PromptBuilder) -> int:
+    """The label trie's size (its distinct label-token prefixes) without building the trie's node x node mask."""
+    targets = [builder.label_targets[label] for label in builder.labels]
+    return len({tuple(t[:j]) for t in targets for j in range(1, len(t))})
+
+
+def trie_memory_bytes(builder: PromptBuilder, model_config, batch: int) -> int:
+    """An upper estimate of what one label-scoring forward allocates beyond the weights, in bytes (fp32 activations):
+    the trie's logits over the vocabulary, its attention scores and mask over prompt + trie, the shared prefix's
+    attention. It grows with the number of trie nodes times the vocabulary: 21 labels ~0.2 GB at batch 16, 10,000
+    labels hundreds of GB."""
+    nodes = trie_nodes(builder)
+    prefix = len(builder.shared_prefix_ids())
+    context = prefix + builder.max_prompt_tokens + nodes
+    heads = getattr(model_config, "num_attention_heads", 1)
+    logits = batch * nodes * model_config.vocab_size * 4 * 2  # the logits and their float32 log-sum-exp pass
+    attention = batch * heads * nodes * context * 4 + batch * nodes * context
+    return logits + attention + heads * prefix * prefix * 4
+
+
+def memory_available(device) -> int:
+    """Bytes of the device's memory (a GPU's total, or the machine's physical memory for the CPU)."""
+    import os
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_scoring_memory(
+    builder: PromptBuilder, model_config, batch: int, device, option: str, factor: int = 1
+) -> None:
+    """Refuse, before the model is loaded, a label set whose scoring forward cannot fit in half the device's memory
+    (10,000 labels tried to allocate 26 GB after 7 minutes of training, then died), naming the estimate and the batch
+    size that would fit. `factor`: 3 where a backward pass keeps the activations (the label-softmax objective)."""
+
+    def need_at(b: int) -> int:
+        return factor * trie_memory_bytes(builder, model_config, b)
+
+    need, have = need_at(batch), memory_available(device) // 2
+    if need <= have:
+        return
+    fits = max((b for b in range(batch - 1, 0, -1) if need_at(b) <= have), default=0)
+    hint = f"pass {option} {fits}" if fits else "use fewer labels (no batch size fits: one paper alone needs "
+    hint += "" if fits else f"{need_at(1) / 2**30:.1f} GiB)"
+    raise SystemExit(
+        f"scoring {len(builder.labels):,} labels at {option} {batch} needs ~{need / 2**30:.1f} GiB for the label trie "
+        f"({trie_nodes(builder):,} nodes x a vocabulary of "
+        f"{model_config.vocab_size:,}), more than half of this {torch.device(device).type}'s "
+        f"{2 * have / 2**30:.0f} GiB: {hint}"
+    )
+
+
 def parse_generated(text: str, labels: list[str]) -> str | None:
     """The label a free-form answer names: the first whole label in it, case-insensitive, else None.
 

@@ -91,3 +91,35 @@ def test_parse_generated():
     assert parse_generated("machine learning", labels) is None
     assert parse_generated("cs.LGX", labels) is None and parse_generated("xcs.LG", labels) is None  # not substrings
     assert parse_generated("CS.lg", labels) == "cs.LG" and parse_generated("It is cs.CL.", labels) == "cs.CL"
+
+
+def test_a_label_set_too_large_to_score_is_refused_before_the_model_loads(
+    tokenizer, tiny_model_dir, tmp_path, monkeypatch
+):
+    """10,000 labels made training allocate 26 GB after 7 minutes (at its first evaluation) and die; the estimate grows
+    with trie nodes x vocabulary, is made before any weight loads, and names a batch size that fits."""
+    from transformers import AutoConfig
+
+    from arxiv_ft import scoring
+    from arxiv_ft.scoring import check_scoring_memory, trie_memory_bytes, trie_nodes
+    from tests.conftest import FAST_TRAIN, run_train
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    template = get_template("arxiv-v1")
+    small = PromptBuilder(tokenizer, template, [f"cs.{c}{d}" for c in "ABCDEFG" for d in "XYZ"], 160)
+    big = PromptBuilder(tokenizer, template, [f"x{i:05d}.Y" for i in range(3000)], 160)
+    # The count matches the trie scoring builds, and the estimate grows with it.
+    assert trie_nodes(small) == len(LabelTree([small.label_targets[x] for x in small.labels]).tokens)
+    assert trie_memory_bytes(big, config, 16) > 50 * trie_memory_bytes(small, config, 16)
+    check_scoring_memory(small, config, 16, "cpu", "--eval-batch-size")  # 21 labels: far below any machine
+    monkeypatch.setattr(scoring, "memory_available", lambda device: 2 * trie_memory_bytes(big, config, 5))
+    with pytest.raises(SystemExit, match=r"scoring 3,000 labels at --eval-batch-size 16 needs .*--eval-batch-size 5"):
+        check_scoring_memory(big, config, 16, "cpu", "--eval-batch-size")
+    # In a training run, before the base loads (no weights read, no step taken).
+    monkeypatch.setattr(scoring, "memory_available", lambda device: 1 << 20)
+    from arxiv_ft import methods
+
+    monkeypatch.setattr(methods.Method, "build", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["--model", tiny_model_dir, "--output-dir", str(tmp_path / "run"), *FAST_TRAIN]
+    with pytest.raises(SystemExit, match=r"scoring 21 labels at --eval-batch-size 21 needs .*use fewer labels"):
+        run_train(argv)

@@ -71,6 +71,21 @@ def _group_by_section(parser: argparse.ArgumentParser, cls) -> None:
             group._group_actions.append(action)
 
 
+def _one_line_error(parser: argparse.ArgumentParser, message: str):
+    """An error as one line (not argparse's 60-line usage), with the nearest option for a misspelt or foreign flag."""
+    import difflib
+    import re
+
+    if message.startswith("unrecognized arguments"):
+        known = [s for action in parser._actions for s in action.option_strings]
+        hints = []
+        for flag in re.findall(r"--?[\w-]+", message.split(":", 1)[1]):
+            near = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
+            hints += [f"{flag}: did you mean {near[0]}?"] if near else []
+        message += ("; " + "; ".join(hints)) if hints else ""
+    parser.exit(2, f"{parser.prog}: error: {message} (--help lists the options)\n")
+
+
 def build_parser(cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The parser of a config dataclass: HfArgumentParser's flags plus `--no-flag` for every boolean and `--config`."""
     from transformers import HfArgumentParser
@@ -84,6 +99,7 @@ def build_parser(cls, description: str, prog: str | None = None) -> argparse.Arg
             parser.add_argument(*names, action="store_false", dest=f.name, default=False, help=argparse.SUPPRESS)
     _group_by_section(parser, cls)
     parser.add_argument("--config", help="YAML preset whose keys are these options; flags override it")
+    parser.error = lambda message: _one_line_error(parser, message)  # type: ignore[method-assign]
     positional = getattr(cls, "_positional", None)
     if positional:
         parser.add_argument("positional", nargs="*", metavar=positional.upper(), help=f"same as --{positional}")
@@ -122,9 +138,45 @@ def _preset_argv(cls, path: str | Path) -> list[str]:
     return argv
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _foreign_flags(cls, argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Translate the flags of other tools that mean something here (`cls._foreign`: TRL name -> (field, value) for a
+    switch, "--flag" for a rename, or a one-line answer for a flag with no counterpart), before parsing. A switch
+    takes an optional true/false. `--push_to_hub true --hub_model_id R` (TrainingArguments' pair) pushes to R."""
+    foreign, out, i = getattr(cls, "_foreign", {}), [], 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        flag, eq, value = arg.partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else ""
+        target = foreign.get(name)
+        if target is None:
+            out.append(arg)
+            continue
+        switch = isinstance(target, tuple) or name == "push_to_hub"
+        takes_next = i < len(argv) and not argv[i].startswith("--")
+        if not eq and takes_next and (not switch or name == "push_to_hub" or argv[i].lower() in _TRUE + _FALSE):
+            value, i = argv[i], i + 1
+        if name == "push_to_hub":
+            if value == "" or value.lower() in _TRUE:  # TrainingArguments' boolean: the repository is --hub_model_id
+                if not any(a.lstrip("-").replace("-", "_").startswith("hub_model_id") for a in argv):
+                    parser.error("--push_to_hub true: name the repository with --hub_model_id USER/NAME")
+            elif value.lower() not in _FALSE:
+                out += ["--push_to_hub", value]
+        elif isinstance(target, tuple):
+            out += [f"--{target[0]}", target[1]] if value.lower() not in _FALSE else []
+        elif target.startswith("--"):
+            out += [target, value] if value else [target]
+        else:
+            parser.error(f"--{name} has no counterpart here: {target}")
+    return out
+
+
 def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
     """Parse argv (and the preset it names) into a frozen `cls` instance; errors exit with a message naming them."""
     parser = build_parser(cls, description, prog)
+    argv = _foreign_flags(cls, list(sys.argv[1:] if argv is None else argv), parser)
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config")
     preset = pre_parser.parse_known_args(argv)[0].config
@@ -138,7 +190,7 @@ def parse_config(cls, argv: list[str] | None, description: str, prog: str | None
         checker = build_parser(cls, description, prog)
         checker.error = lambda message: parser.error(f"--config {preset}: {message}")  # type: ignore[method-assign]
         checker.parse_args(preset_argv)
-    args = vars(parser.parse_args(preset_argv + list(sys.argv[1:] if argv is None else argv)))
+    args = vars(parser.parse_args(preset_argv + argv))
     args.pop("config", None)
     positional = args.pop("positional", None)
     if positional:

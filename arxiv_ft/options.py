@@ -106,6 +106,26 @@ class TrainConfig:
         "logging and cost": ("log_every_steps", "report_to", "run_name", "price_per_device_hour", "peak_tflops"),
     }
 
+    # Other tools' flags (TRL's SFT script, TrainingArguments): a switch sets an option, a rename passes the value on,
+    # a sentence answers a flag that has no counterpart here (config._foreign_flags).
+    _foreign: ClassVar[dict[str, tuple[str, str] | str]] = {
+        "use_peft": ("method", "lora"),
+        "load_in_4bit": ("method", "qlora"),
+        "use_dora": ("method", "dora"),
+        "dataset_name": "--train_file",
+        "push_to_hub": "--push_to_hub",  # `--push_to_hub true --hub_model_id REPO` as well as `--push_to_hub REPO`
+        "eval_strategy": "evaluation runs at the end, and every N steps with --eval-every-steps N",
+        "evaluation_strategy": "evaluation runs at the end, and every N steps with --eval-every-steps N",
+        "save_strategy": "checkpoints are written every N steps with --checkpoint-every-steps N (and at the end)",
+        "logging_strategy": "the loss is logged every N steps with --log-every-steps N",
+        "optim": "the optimizer is AdamW; set it with --lr, --weight-decay, --max-grad-norm",
+        "warmup_steps": "warm-up is a fraction of the steps: --warmup-ratio",
+        "fp16": "fp16 is not supported; use --dtype bf16 (or --bf16) or fp32",
+        "dataset_text_field": "the text is built from --title-field and --abstract-field",
+        "load_in_8bit": "8-bit loading is not a method here; --method qlora loads the base in 4 bits",
+        "lora_task_type": "the task is causal-LM (fixed)",
+    }
+
     # model
     model: str = option(
         PACKAGED_MODEL,

@@ -249,3 +249,32 @@ def test_the_shipped_test_split_goes_with_the_shipped_validation_split_only():
     assert TrainConfig(eval_file="mine.jsonl").test_path == ""
     assert TrainConfig(eval_file="mine.jsonl", test_file="their-test.jsonl").test_path == "their-test.jsonl"
     assert TrainConfig(test_file="").test_path == ""
+
+
+def test_trl_switches_are_translated_and_the_rest_answered_in_one_line(capsys):
+    """TRL's own switches were refused with 57 lines of usage, and `--push_to_hub True --hub_model_id me/x` pushed to
+    a repository named "True"."""
+    from arxiv_ft.config import parse_config
+    from arxiv_ft.options import TrainConfig
+
+    def parse(*argv):
+        return parse_config(TrainConfig, list(argv), "", prog="train.py")
+
+    assert parse("--use_peft").method == "lora"
+    assert parse("--load_in_4bit", "True").method == "qlora" and parse("--load-in-4bit=true").method == "qlora"
+    assert parse("--use_dora", "--method", "lora").method == "lora"  # the later flag wins, as everywhere
+    assert parse("--use_dora").method == "dora" and parse("--use_dora", "false").method == "lora"
+    assert parse("--dataset_name", "papers.jsonl").train_file == "papers.jsonl"
+    assert parse("--push_to_hub", "True", "--hub_model_id", "me/x").push_to_hub == "me/x"
+    assert parse("--hub_model_id", "me/x", "--push_to_hub", "true").push_to_hub == "me/x"
+    assert parse("--push_to_hub", "me/y").push_to_hub == "me/y" and parse("--push_to_hub", "false").push_to_hub == ""
+    for argv, answer in [
+        (["--push_to_hub", "True"], "--push_to_hub true: name the repository with --hub_model_id USER/NAME"),
+        (["--eval_strategy", "steps"], "--eval_strategy has no counterpart here: evaluation runs at the end, and"),
+        (["--optim", "adamw_torch"], "--optim has no counterpart here: the optimizer is AdamW"),
+        (["--lora-rnak", "8"], "unrecognized arguments: --lora-rnak 8; --lora-rnak: did you mean --lora-rank?"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            parse(*argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and answer in err and len(err.strip().splitlines()) == 1, err

@@ -157,6 +157,38 @@ def _fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:32]
 
 
+def register_in_hub_cache(folder: str | Path, hub_id: str) -> Path | None:
+    """Make `hub_id` resolve, offline, to the local base folder a run was trained on: a run's adapter names its base
+    by Hub id (for other machines), and plain peft (`AutoPeftModelForCausalLM.from_pretrained(run)`) then looked for
+    that id on the Hub although the base sat converted in this project's cache. The folder's files are linked into
+    the Hugging Face cache layout (`models--ORG--NAME/snapshots/<id>/`, `refs/main`) under a snapshot id derived from
+    the weights' fingerprint. Nothing is done when the cache already knows the id (a real download is never shadowed).
+    Returns the snapshot folder, or None."""
+    from huggingface_hub import constants
+
+    folder = Path(folder).resolve()
+    if not folder.is_dir() or hub_id.count("/") != 1 or _hub_snapshot(hub_id, None) is not None:
+        return None
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
+    if (repo / "refs" / "main").exists():
+        return None
+    commit = hashlib.sha1(f"arxiv-ft local copy {_fingerprint(folder)}".encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    try:
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in folder.iterdir():
+            if path.is_file() and not (snapshot / path.name).exists():
+                (snapshot / path.name).symlink_to(path)
+        (repo / "refs").mkdir(exist_ok=True)
+        from arxiv_ft.fileio import atomic_write
+
+        atomic_write(repo / "refs" / "main", commit)
+    except OSError as exc:  # a read-only or foreign cache: the run is still loadable by our own loaders
+        logging.getLogger("arxiv_ft").warning("could not register %s as %s in the Hub cache: %s", folder, hub_id, exc)
+        return None
+    return snapshot
+
+
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """The local snapshot folder of a hub model (its name is the commit hash), or None if not cached."""
     try:

@@ -52,6 +52,7 @@ from arxiv_ft.modeling import (
     load_tokenizer,
     model_config,
     parameter_bytes,
+    register_in_hub_cache,
     resolve_dtype,
     set_cpu_threads,
 )
@@ -501,7 +502,10 @@ def save_weights(cfg, launch: Launch, task: Task, trainable: Trainable, setup: S
         run.write_weights(launch.method, model, state_dict=state_dict, head_state=head)
         run.write_task(to_dict(cfg), task.labels, task.prompt, task.source.record())
         run.write_tokenizer(task.tokenizer)  # every loadable folder carries its own tokenizer and chat template
-        run.fix_adapter_base(task.source.hub_id())
+        hub_id = task.source.hub_id()
+        run.fix_adapter_base(hub_id)
+        if hub_id and launch.method.adapter:  # so plain peft finds the base by that id offline, here
+            register_in_hub_cache(task.source.path(), hub_id)
 
 
 def save_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A Hugging Face cache of the test session's own: runs register their base there under its Hub id (for plain peft).
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="arxiv-ft-test-hub-")
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "arxiv_ft" / "assets"

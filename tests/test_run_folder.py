@@ -427,3 +427,21 @@ def test_stray_folders_among_checkpoints_and_a_lock_that_is_a_folder(lora_run, t
     (tmp_path / "locked" / ".lock").mkdir(parents=True)
     with pytest.raises(SystemExit, match=r"\.lock is a folder where train\.py keeps its lock file"):
         FolderLock(tmp_path / "locked").acquire("train.py")
+
+
+def test_plain_peft_loads_a_run_folder_offline(lora_run, hub_model):
+    """`AutoPeftModelForCausalLM.from_pretrained(run)` looked for the base on the Hub, although it sat here: the run
+    registered its base folder under the base's Hub id in the Hugging Face cache (links, no copy)."""
+    import huggingface_hub.constants as constants
+    from peft import AutoPeftModelForCausalLM
+
+    out, _ = lora_run
+    base = json.loads((out / "base_model.json").read_text())
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{base['hub_id'].replace('/', '--')}"
+    snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    assert (snapshot / "model.safetensors").resolve() == (hub_model[0] / "model.safetensors").resolve()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    ours = RunDir(out).load_model(torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits)

@@ -8,7 +8,74 @@ that made it.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The base model's license, where known by Hub id prefix (the card's `license:`; unknown bases get none).
+LICENSES = {
+    "HuggingFaceTB/SmolLM2": "apache-2.0",
+    "meta-llama/Llama-3.2": "llama3.2",
+    "meta-llama/Llama-3.1": "llama3.1",
+    "meta-llama/Meta-Llama-3": "llama3",
+}
+ARXIV_DATASET = "arxiv-community/arxiv_dataset"  # the arXiv metadata on the Hub; the shipped samples are cut from it
+
+
+def portable(path: str) -> str:
+    """A path as it reads on another machine: relative to the project, or ~/..., or the file name alone (a card
+    carried this machine's absolute paths)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    for base, prefix in ((ROOT, ""), (Path.home(), "~/")):
+        try:
+            return prefix + str(p.resolve().relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return p.name
+
+
+def portable_command(command: str) -> str:
+    """A command line with each absolute path (alone or after `=`) made `portable`."""
+    words = []
+    for word in shlex.split(command):
+        flag, eq, value = word.partition("=")
+        if eq and value.startswith("/"):
+            word = f"{flag}={portable(value)}"
+        elif word.startswith("/"):
+            word = portable(word)
+        words.append(shlex.quote(word))
+    return " ".join(words)
+
+
+def _license(hub_id: str | None) -> str | None:
+    return next((name for prefix, name in LICENSES.items() if (hub_id or "").startswith(prefix)), None)
+
+
+def _eval_results(metrics: dict, n_test: int, n_validation: int) -> list:
+    """The Hub's model-index: accuracy and macro-F1 on the test papers (and on validation)."""
+    from huggingface_hub import EvalResult
+
+    from arxiv_ft.ledger import scored_as
+
+    results = []
+    test = metrics.get("test") or {}
+    for split, after, n in (("test", test.get("after"), n_test), ("validation", metrics.get("after"), n_validation)):
+        scores = scored_as(after)
+        for metric in ("accuracy", "macro_f1") if scores else ():
+            results.append(
+                EvalResult(
+                    task_type="text-classification",
+                    dataset_type=ARXIV_DATASET,
+                    dataset_name=f"arXiv primary category, {split} papers ({n})",
+                    dataset_split=split,
+                    metric_type="f1" if metric == "macro_f1" else "accuracy",
+                    metric_name="macro-F1" if metric == "macro_f1" else "accuracy",
+                    metric_value=round(scores[metric], 4),
+                )
+            )
+    return results
 
 
 def _pct(x) -> str:
@@ -52,29 +119,34 @@ def results_table(metrics: dict, n_test: int, n_validation: int) -> list[str]:
     return lines
 
 
-def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
-    """The README.md text of a run folder (YAML metadata + markdown)."""
+def model_card(cfg, task, metrics: dict, base: dict, command: str, revision: str | None = None) -> str:
+    """The README.md text of a run folder (YAML metadata with the Hub's model-index, + markdown)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    hub_id = base.get("hub_id")
-    adapter = cfg.method != "full"
-    data = ModelCardData(
-        base_model=hub_id,
-        library_name="peft" if adapter else "transformers",
-        pipeline_tag="text-generation",
-        tags=["arxiv-ft", "arxiv", "text-classification", cfg.method],
-        license=None,
-    )
     from arxiv_ft.forgetting import describe_forgetting
 
+    hub_id = base.get("hub_id")
+    shipped = Path(cfg.train_file).resolve().is_relative_to(ROOT / "arxiv_ft" / "assets")
+    data = ModelCardData(
+        base_model=hub_id,
+        library_name="peft" if cfg.method != "full" else "transformers",
+        pipeline_tag="text-generation",
+        tags=["arxiv-ft", "arxiv", "text-classification", cfg.method],
+        license=_license(hub_id),
+        datasets=[ARXIV_DATASET] if shipped else None,
+        model_name=f"arxiv-ft {cfg.method} {hub_id or base.get('name')}",
+        eval_results=_eval_results(metrics, len(task.test_records), len(task.eval_records)) or None,
+    )
     delta = (metrics.get("forgetting") or {}).get("delta")
     cost = metrics["cost"]
     forgetting = describe_forgetting(delta) + " (95% intervals)" if delta else "not measured (--probes false)"
     device = f"{cost['device_count']} × {cost['device_type']}"
+    where = "shipped with arxiv-ft, cut from the arXiv metadata" if shipped else "the user's"
+    peft = ", or plain peft: `AutoPeftModelForCausalLM.from_pretrained(THIS_FOLDER)`." if cfg.method != "full" else "."
     lines = [
         f"# arXiv primary-category classifier ({cfg.method} on {hub_id or base.get('name')})",
         "",
-        f"Fine-tuned with [arxiv-ft](https://github.com/) to name an arXiv paper's primary category among "
+        "Fine-tuned with arxiv-ft to name an arXiv paper's primary category among "
         f"{len(task.labels)} labels from its title and abstract. It answers with the category id followed by the "
         "end-of-turn token; arxiv-ft scores every allowed label (constrained, with probabilities).",
         "",
@@ -86,7 +158,7 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
         'clf.predict([{"title": "...", "abstract": "..."}], top_k=3)',
         "```",
         "",
-        "or `python infer.py --model-dir THIS_FOLDER --input papers.jsonl --output preds.jsonl`.",
+        "or `python infer.py --model-dir THIS_FOLDER --input papers.jsonl --output preds.jsonl`" + peft,
         "",
         "## Task",
         "",
@@ -94,8 +166,9 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
         f"- prompt: template `{task.prompt.template}`, {task.prompt.max_seq_tokens} tokens "
         f"({'the paper alone' if task.prompt.token_budget == 'paper' else 'in all'}); chat variables pinned: "
         f"{task.prompt.chat_kwargs or 'none'}",
-        f"- training data: {len(task.examples)} papers from `{cfg.train_file}`; evaluation: "
-        f"{len(task.eval_records)} papers from `{cfg.eval_file}`",
+        f"- training data: {len(task.examples)} papers from `{portable(cfg.train_file)}` ({where}); validation: "
+        f"{len(task.eval_records)} papers from `{portable(cfg.eval_file)}`"
+        + (f"; test: {len(task.test_records)} papers from `{portable(cfg.test_path)}`" if task.test_records else ""),
         f"- objective: {cfg.objective}; {cfg.epochs:g} epoch(s), {metrics['train']['steps']} steps, batch "
         f"{cfg.batch_size}×{cfg.grad_accum_steps}, lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed}",
         "",
@@ -111,13 +184,17 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
         "",
         "## Base model",
         "",
-        f"`{base.get('name')}` (Hub id `{hub_id}`, revision `{base.get('revision')}`, weights fingerprint "
-        f"`{base.get('fingerprint')}`).",
+        f"`{portable(base.get('name') or '')}` (Hub id `{hub_id}`, revision `{base.get('revision')}`, weights "
+        f"fingerprint `{base.get('fingerprint')}`); license: {_license(hub_id) or 'the base model’s'}.",
         "",
         "## Reproduce",
         "",
+        f"In a checkout of arxiv-ft at revision `{revision or 'unknown'}` (`git checkout {revision or 'REV'}`):",
+        "",
         "```bash",
-        command,
+        "bash tools/setup.sh                 # .venv with the pinned stack",
+        "source .venv/bin/activate",
+        portable_command(command),
         "```",
         "",
         "The resolved configuration is in `train_config.json`, every figure in `metrics.json`, the run record in "
@@ -125,6 +202,22 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str) -> str:
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def merged_card(run_dir: Path, dtype: str) -> str | None:
+    """The card of a merged folder: the run's, as a plain transformers model, saying what was merged."""
+    from huggingface_hub import ModelCard
+
+    if not (Path(run_dir) / "README.md").is_file():
+        return None
+    card = ModelCard.load(Path(run_dir) / "README.md")
+    card.data.library_name = "transformers"
+    note = (
+        f"This folder is the run's adapter folded into the base weights ({dtype}): it loads with "
+        "`AutoModelForCausalLM.from_pretrained(THIS_FOLDER)` and needs neither peft nor the base model.\n\n"
+    )
+    title, _, rest = card.text.lstrip("\n").partition("\n")
+    return str(ModelCard(f"---\n{card.data.to_yaml()}\n---\n\n{title}\n\n{note}{rest.lstrip()}"))
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool = True) -> str:

@@ -45,6 +45,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path
     """Fold the adapter of `run_dir` into its base and write a loadable full-model run folder at `out`."""
     from tqdm.auto import tqdm
 
+    from arxiv_ft.card import merged_card
     from arxiv_ft.fileio import write_json
     from arxiv_ft.modeling import torch_dtype
     from arxiv_ft.rundir import RunDir
@@ -73,6 +74,9 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path
         if run.has_head():
             shutil.copy(run.path / "classifier_head.safetensors", tmp / "classifier_head.safetensors")
         write_json(tmp / MERGED, {"from": str(run.path.resolve()), "method": method.name, "dtype": dtype})
+        card = merged_card(run.path, dtype)
+        if card:
+            merged.write_card(card)
         bar.update()
         shutil.rmtree(out, ignore_errors=True)
         tmp.replace(out)

@@ -810,7 +810,7 @@ def save_run(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup
         metrics["cost"]["saved_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         run.write_metrics(metrics)
 
-        run.write_card(model_card(cfg, task, metrics, run.base_record(), command=sys_argv()))
+        run.write_card(model_card(cfg, task, metrics, run.base_record(), sys_argv(), launch.revision))
         final, where = (metrics["test"]["after"], "test") if metrics["test"] else (metrics["after"], "validation")
         if "score" in (final or {}):
             launch.log(f"per class, {where} papers:\n" + format_report(final["score"], task.labels))

@@ -80,6 +80,12 @@ def test_model_card_and_adapter_base_by_hub_id(lora_run, hub_model, monkeypatch)
     assert "base_model: arxiv-ft-test/tiny-llama" in card and "library_name: peft" in card
     for needle in ("cs.LG", "arxiv-v1", "TF-IDF", "accuracy", "Reproduce", "train"):
         assert needle in card
+    # What a reader elsewhere needs, and nothing of this machine: the Hub's model-index and dataset, the whole
+    # reproduction (revision, setup, command), no absolute path, no placeholder link.
+    assert "model-index:" in card and "type: text-classification" in card and "datasets:\n- " in card
+    assert "git checkout" in card and "bash tools/setup.sh" in card and "https://github.com/)" not in card
+    assert str(out) not in card and str(Path.home()) not in card and "/arxiv_ft/assets/" not in card
+    assert "`arxiv_ft/assets/cs-train-sample.jsonl`" in card
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "arxiv-ft-test/tiny-llama"
     base = json.loads((out / "base_model.json").read_text())
@@ -181,6 +187,8 @@ def test_merged_folder_answers_with_the_same_labels_in_plain_transformers(lora_r
 
     out, _ = lora_run
     merged = merge_run(out, tmp_path / "merged")
+    card = (merged / "README.md").read_text()  # the merged folder has its card, as a plain transformers model
+    assert "library_name: transformers" in card and "adapter folded into the base weights" in card
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     run = RunDir(out)
@@ -445,3 +453,16 @@ def test_plain_peft_loads_a_run_folder_offline(lora_run, hub_model):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, ours(ids).logits)
+
+
+def test_card_paths_and_licenses_read_the_same_on_another_machine():
+    from arxiv_ft.card import ROOT, _license, portable, portable_command
+
+    assert portable(str(ROOT / "data" / "cs-test.jsonl.gz")) == "data/cs-test.jsonl.gz"
+    assert portable(str(Path.home() / "papers" / "x.jsonl")) == "~/papers/x.jsonl"
+    assert portable("/srv/elsewhere/y.parquet") == "y.parquet" and portable("rel/z.jsonl") == "rel/z.jsonl"
+    assert portable_command(f"train.py --model {ROOT}/m --train-file=/srv/a.jsonl --lr 1e-3") == (
+        "train.py --model m --train-file=a.jsonl --lr 1e-3"
+    )
+    assert _license("HuggingFaceTB/SmolLM2-135M-Instruct") == "apache-2.0"
+    assert _license("meta-llama/Llama-3.2-1B-Instruct") == "llama3.2" and _license("me/x") is None

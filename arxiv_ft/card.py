@@ -1,4 +1,9 @@
-"""The model card every run folder carries (README.md, a `huggingface_hub.ModelCard`), and the upload to the Hub.
+"""The model card every run folder carries (README.md, a `huggingface_hub.ModelCard`), and the upload to the Hub,
+which is also its own retryable step:
+
+    arxiv-ft push runs/x --repo me/arxiv-lora
+
+The model card every run folder carries (README.md, a `huggingface_hub.ModelCard`), and the upload to the Hub.
 
 The card says what someone receiving the folder needs: the base model by Hub id, the label set and prompt, accuracy
 and macro-F1 on the test papers (the final number) and on the validation papers (what choices were made on), beside
@@ -234,3 +239,37 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = True) -> str:
         commit_message="arxiv-ft run",
     )
     return str(url)
+
+
+def push_finished(run_dir: str | Path, repo_id: str, private: bool = True) -> str:
+    """Upload a finished run folder; a folder without its ledger (unfinished, or not a run) is refused."""
+    from arxiv_ft.rundir import RunDir
+
+    run = RunDir(run_dir).check()
+    if not run.is_finished():
+        raise SystemExit(f"{run_dir}: not a finished run (no ledger.json): finish or resume it before uploading")
+    return push_run(run.path, repo_id, private)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """`arxiv-ft push RUN --repo REPO`: the upload alone (after a --push-to-hub that failed, or later)."""
+    import sys
+
+    from arxiv_ft.config import parse_config
+    from arxiv_ft.options import PushConfig
+
+    cfg = parse_config(PushConfig, argv, __doc__, prog)
+    try:
+        url = push_finished(cfg.run_dir, cfg.repo, cfg.private)
+    except SystemExit:
+        raise
+    except Exception as exc:  # offline, no token, a server error: say so, and how to retry
+        raise SystemExit(upload_failed(cfg.run_dir, cfg.repo, exc)) from None
+    print(f"uploaded {cfg.run_dir} to {url}", file=sys.stdout)
+
+
+def upload_failed(run_dir, repo_id: str, exc: Exception) -> str:
+    return (
+        f"the upload of {run_dir} to {repo_id} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the "
+        f"run folder is complete and unchanged: retry the upload alone with `arxiv-ft push {run_dir} --repo {repo_id}`"
+    )

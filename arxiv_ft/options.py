@@ -439,6 +439,18 @@ class MergeConfig:
 
 
 @dataclass(frozen=True)
+class PushConfig:
+    _positional: ClassVar[str] = "run_dir"  # `arxiv-ft push runs/x --repo me/arxiv-lora`
+    run_dir: str = option("", "a finished train.py output folder")
+    repo: str = option("", "the Hub model repository to upload to (USER/NAME)", aliases=("hub_model_id",))
+    private: bool = option(True, "create the repository private (if it does not exist yet)")
+
+    def __post_init__(self):
+        if not self.run_dir or not self.repo:
+            raise ValueError("give the run folder and --repo USER/NAME")
+
+
+@dataclass(frozen=True)
 class FetchConfig:
     _positional: ClassVar[str] = "ids"  # `--ids 2401.12345 cs/0101001` (space-separated) keeps working
     query: str = option("", "an arXiv search query, e.g. 'cat:cs.*' or 'cat:cs.LG AND abs:transformer'")

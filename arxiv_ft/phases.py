@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from arxiv_ft import baseline
 from arxiv_ft import checkpoints as ckpt
 from arxiv_ft import records as rec
-from arxiv_ft.card import model_card, push_run
+from arxiv_ft.card import model_card, push_run, upload_failed
 from arxiv_ft.classifier import Classifier, evaluate
 from arxiv_ft.config import to_dict
 from arxiv_ft.data import (
@@ -892,6 +892,9 @@ def finish(cfg: TrainConfig, launch: Launch, metrics: dict) -> None:
     if launch.is_main:
         if cfg.merge and launch.method.adapter:
             launch.log(f"merged model saved to {merge_run(out, out / 'merged')}")
-        if cfg.push_to_hub:
-            launch.log(f"uploaded {out} to {push_run(out, cfg.push_to_hub)}")
         launch.log(f"saved to {out}")
+        if cfg.push_to_hub:
+            try:
+                launch.log(f"uploaded {out} to {push_run(out, cfg.push_to_hub)}")
+            except Exception as exc:  # offline, no token, a server error: the run is done; the upload can be retried
+                raise SystemExit(upload_failed(out, cfg.push_to_hub, exc)) from None

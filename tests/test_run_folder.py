@@ -466,3 +466,39 @@ def test_card_paths_and_licenses_read_the_same_on_another_machine():
     )
     assert _license("HuggingFaceTB/SmolLM2-135M-Instruct") == "apache-2.0"
     assert _license("meta-llama/Llama-3.2-1B-Instruct") == "llama3.2" and _license("me/x") is None
+
+
+def test_a_failed_upload_leaves_the_run_finished_and_arxiv_ft_push_retries_it(tiny_model_dir, tmp_path, monkeypatch):
+    """--push-to-hub offline ended the finished run with a traceback, and the same command could not retry (the folder
+    is finished): the upload is its own step, `arxiv-ft push RUN --repo R`."""
+    import huggingface_hub
+
+    from arxiv_ft import cli
+
+    calls = []
+
+    class OfflineApi:
+        def create_repo(self, repo_id, **kwargs):
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    class FakeApi(OfflineApi):
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(repo_id)
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(sorted(p.name for p in Path(folder_path).iterdir()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    out = tmp_path / "run"
+    argv = ["--model", tiny_model_dir, "--output-dir", str(out), "--max-steps", "1", "--push-to-hub", "me/x", *FAST]
+    with pytest.raises(SystemExit, match=r"failed \(OSError: We couldn.t connect.*arxiv-ft push .* --repo me/x"):
+        run_train(argv)
+    assert RunDir(out).is_finished()
+    with pytest.raises(SystemExit, match="failed"):
+        cli.main(["push", str(out), "--repo", "me/x"])
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    cli.main(["push", str(out), "--repo", "me/x"])
+    assert calls[0] == "me/x" and "ledger.json" in calls[1]
+    with pytest.raises(SystemExit, match="not a finished run"):
+        cli.main(["push", str(complete_checkpoints(out)[-1]), "--repo", "me/x"])

@@ -164,6 +164,11 @@ def fit(
     try:
         for step in range(state.step, plan.steps):
             result = train_step(setup, step)
+            if not math.isfinite(result["loss"]):  # every process sees the same reduced loss, and stops alike
+                raise SystemExit(
+                    f"step {step + 1}: the training loss is {result['loss']} (the run diverged; nothing after the last "
+                    "checkpoint is saved): lower --lr or raise --warmup-ratio, then resume or start again"
+                )
             state.step = step + 1
             state.loss_curve.append(result["loss"])
             state.lr_curve.append(result["lr"])

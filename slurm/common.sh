@@ -49,6 +49,15 @@ enter_repo() {
       exit 1
     fi
   fi
+  if [ "${CPU:-0}" != 1 ] && [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != 0 ] &&
+    [ "$(python -c 'import torch; print(torch.version.cuda is None)' 2>/dev/null)" = True ]; then
+    # A venv from a plain `bash tools/setup.sh` on a CPU machine holds torch's CPU build: the job would train on
+    # the CPUs of a GPU node, hours instead of minutes, without an error.
+    echo "$(command -v python) has a CPU-only build of torch, on a node with ${SLURM_GPUS_ON_NODE} GPU(s): make a" \
+      "GPU venv (VENV=.venv-gpu TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'" \
+      "bash tools/setup.sh) and submit with VENV=.venv-gpu, or set CPU=1 to train on the CPUs on purpose" >&2
+    exit 1
+  fi
   if [ "${CPU:-0}" = 1 ]; then
     # DDP over gloo on CPUs (accelerate_configs/ddp.yaml, multinode.yaml). Not for DeepSpeed configs: this makes
     # accelerate skip DeepSpeed; for those pass DS_ACCELERATOR=cpu instead (sbatch passes the environment on).

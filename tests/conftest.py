@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A Hugging Face cache of the test session's own: runs register their base there under its Hub id (for plain peft).
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="arxiv-ft-test-hub-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "arxiv_ft" / "assets"

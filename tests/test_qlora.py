@@ -125,7 +125,7 @@ def test_merged_lora_predicts_like_base_plus_adapter(tiny_model_dir, tokenizer, 
 
 
 def test_merged_qlora_predicts_like_the_quantised_base_plus_adapter(qlora_run, tokenizer, tmp_path):
-    """Merged onto the de-quantised nf4 base. Tolerance 1e-3 on label log-likelihoods (stated in the README)."""
+    """Merged onto the de-quantised nf4 base. Tolerance 1e-3 on label log-likelihoods (stated in docs/guide.md)."""
     captured, out = qlora_run
     merged = load_trained(merge_run(out, tmp_path / "merged")).eval()
     with_adapter = predictions(load_trained(out).eval(), tokenizer, out)

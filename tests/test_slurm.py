@@ -31,7 +31,8 @@ STEPS = 40  # enough that a stop signal sent after step 3 lands mid-training (st
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Every job gets a short limit; the USR1 warning (the scripts' default lead is minutes) is moved to its last
 # minute, so that no job here gets one from the clock, only from the tests.
-LIMITS = ["--time=8", "--signal=B:USR1@60"]
+# What a job asks of this 2-core, 4 GB-a-node test cluster (the scripts default to -c 8 and tens of GB).
+LIMITS = ["--time=8", "--signal=B:USR1@60", "--cpus-per-task=2", "--mem=3500"]
 
 
 def train_args(model_dir: str, out: Path, batch_size: int, *extra: str) -> list[str]:

@@ -222,3 +222,21 @@ def test_the_zero_shot_evaluation_is_computed_once_per_base_model_papers_and_pro
     assert calls == ["zero-shot", "fine-tuned", "test", "fine-tuned", "test"] and first["before"] == second["before"]
     run([*common, "--output-dir", str(tmp_path / "c"), "--max-seq-tokens", "150"])  # another prompt: recomputed
     assert calls[-3:] == ["zero-shot", "fine-tuned", "test"]
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_naming_the_step(tiny_model_dir, tmp_path, monkeypatch):
+    """--lr inf and friends trained on and crashed later in the metric module; a diverged loss now stops the run at the
+    step it happened, before it is checkpointed."""
+    from arxiv_ft import fit
+
+    original = fit.train_step
+
+    def diverge_at_step_2(setup, step):
+        result = original(setup, step)
+        return {**result, "loss": float("nan")} if step == 1 else result
+
+    monkeypatch.setattr(fit, "train_step", diverge_at_step_2)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match=r"step 2: the training loss is nan \(the run diverged"):
+        run_train(["--model", tiny_model_dir, "--output-dir", str(out), "--probes", "false", *FAST_TRAIN])
+    assert not (out / "ledger.json").exists()

@@ -160,6 +160,7 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None, split: str
         "seed": ledger["seed"],
         "model": ledger["model"],
         "group": group_key(ledger),
+        "config": {k: v for k, v in ledger["config"].items() if k not in _PER_RUN_KEYS},
         "n_train": ledger["data"]["n_train"],
         "n_eval": after.get("n", ledger["data"]["n_eval"]),
         "acc_before": before["accuracy"] if before else None,
@@ -210,6 +211,21 @@ def _mean_std(values: list) -> tuple[float | None, float | None, int]:
     return statistics.fmean(present), std, len(present)
 
 
+def distinguishing_settings(configs: dict[str, dict], plain: dict[str, str]) -> dict[str, str]:
+    """For groups whose plain labels clash, the settings that tell them apart ("lr=0.002, epochs=1"), not a config
+    hash; the hash only where more than three settings differ."""
+    out = {}
+    for label in {x for x in plain.values() if list(plain.values()).count(x) > 1}:
+        members = [g for g in plain if plain[g] == label]
+        keys = sorted({k for g in members for k in configs[g]})
+        values = {k: {json.dumps(configs[g].get(k), sort_keys=True, default=str) for g in members} for k in keys}
+        differ = [k for k in keys if len(values[k]) > 1]
+        for g in members:
+            shown = [f"{k}={configs[g].get(k)}" for k in differ[:3]]
+            out[g] = ", ".join(shown) + (f", … (cfg {g})" if len(differ) > 3 or not differ else "")
+    return out
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One entry per group of runs that differ only by seed: mean, sample std (n > 1) and count of each figure."""
     groups: dict[str, list[dict]] = {}
@@ -217,10 +233,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups.setdefault(row["group"], []).append(row)
     # A label reads "method · model · n_train"; the config hash joins it only where two groups would look alike.
     plain = {g: f"{r[0]['method']} · {r[0]['model']} · n={r[0]['n_train']}" for g, r in groups.items()}
-    clashes = {label for label in plain.values() if list(plain.values()).count(label) > 1}
+    names = distinguishing_settings({g: r[0].get("config") or {} for g, r in groups.items()}, plain)
     out = []
     for g, members in groups.items():
-        label = plain[g] + (f" · cfg {g}" if plain[g] in clashes else "")
+        label = plain[g] + (f" · {names[g]}" if names.get(g) else "")
         entry = {
             "group": g,
             "label": label,
@@ -543,6 +559,21 @@ How to read the columns:
 """
 
 
+def scores_line(rows: list[dict], split: str) -> str:
+    """Which papers the scores are on, and a warning where runs were scored on different numbers of papers."""
+    line = {
+        "test": "Scores are on the **test** papers (no choice was made on them).",
+        "validation": "Scores are on the **validation** papers (the papers choices were made on: not a final number).",
+    }[split]
+    sizes = sorted({r["n_eval"] for r in rows if r.get("n_eval")})
+    if len(sizes) > 1:  # a run scored on 21 papers beside one scored on 210: say so
+        line += (
+            f" **The runs were scored on different numbers of papers ({', '.join(map(str, sizes))})**: their accuracies"
+            " are not on the same papers; the comparisons below resample only the papers both sides share."
+        )
+    return line
+
+
 def render_markdown(
     rows: list[dict],
     groups: list[dict],
@@ -568,10 +599,7 @@ def render_markdown(
             "this design would detect (80% power at the Bonferroni level 0.05 / comparisons).",
             "",
         ]
-    split_line = {
-        "test": "Scores are on the **test** papers (no choice was made on them).",
-        "validation": "Scores are on the **validation** papers (the papers choices were made on: not a final number).",
-    }[split]
+    split_line = scores_line(rows, split)
     forgetting = forgetting_table(rows)
     forgetting_part = []
     if forgetting:

@@ -110,3 +110,16 @@ def test_committed_cpu_report_rebuilds_from_its_ledgers(tmp_path, monkeypatch):
     assert {Path(p).stem.rsplit("-seed", 1)[0] for p in ledgers} >= {"lora", "qlora", "full", "tfidf-svm"}
     report.main([*ledgers, "--out", str(tmp_path)])
     assert (tmp_path / "report.md").read_text() == (committed / "report.md").read_text()
+
+
+def test_groups_are_named_by_the_settings_that_differ_and_unequal_paper_counts_are_said():
+    """The report named groups `cfg 8be6651d` and compared runs scored on 21 and on 210 papers without a word."""
+    from arxiv_ft.report import distinguishing_settings, scores_line
+
+    plain = {"a": "lora · m · n=630", "b": "lora · m · n=630", "c": "full · m · n=630"}
+    configs = {"a": {"lr": 0.002, "epochs": 2}, "b": {"lr": 0.0004, "epochs": 2}, "c": {"lr": 0.0002, "epochs": 2}}
+    assert distinguishing_settings(configs, plain) == {"a": "lr=0.002", "b": "lr=0.0004"}
+    many = {"a": {"w": 1, "x": 1, "y": 1, "z": 1}, "b": {"w": 2, "x": 2, "y": 2, "z": 2}, "c": {}}
+    assert distinguishing_settings(many, plain)["a"] == "w=1, x=1, y=1, … (cfg a)"
+    assert "scored on different numbers of papers (21, 210)" in scores_line([{"n_eval": 21}, {"n_eval": 210}], "test")
+    assert "different numbers" not in scores_line([{"n_eval": 210}, {"n_eval": 210}], "test")

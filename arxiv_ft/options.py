@@ -438,6 +438,38 @@ class MergeConfig:
             raise ValueError("--run-dir is required")
 
 
+def parse_alphas(text: str) -> list[float]:
+    """ "0,0.25,1" -> [0.0, 0.25, 1.0]: interpolation weights, each in [0, 1], no repeats."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"--alphas {text!r}: comma-separated numbers between 0 and 1") from None
+    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas) or len(set(alphas)) != len(alphas):
+        raise ValueError(f"--alphas {text!r}: distinct numbers between 0 and 1, e.g. 0,0.25,0.5,0.75,1")
+    return alphas
+
+
+@dataclass(frozen=True)
+class InterpolateConfig:
+    _positional: ClassVar[str] = "run_dir"  # `arxiv-ft interpolate runs/x --alphas 0,0.5,1`
+    run_dir: str = option("", "a finished train.py output folder")
+    alphas: str = option("0,0.25,0.5,0.75,1", "how far from the base to the run: comma-separated, each in [0, 1]")
+    out: str = option("", "where the ledgers go (default RUN_DIR/interpolation/alpha-A/ledger.json)")
+    eval_batch_size: int = option(16, "papers per evaluation batch")
+    probes: bool = option(True, "forgetting probes at every alpha")
+    probe_windows: int = option(0, "WikiText-2 windows of 512 tokens (0: as many as the run used)")
+    probe_mc_items: int = option(0, "multiple-choice items (0: as many as the run used)")
+    probe_kl: bool = option(True, "KL(base || model) on the probe windows")
+    cpu_threads: int = option(0, "torch threads on CPU (0 = all cores)")
+
+    def __post_init__(self):
+        if not self.run_dir:
+            raise ValueError("give the run folder: arxiv-ft interpolate RUN_DIR")
+        parse_alphas(self.alphas)
+        _positive(self, "eval_batch_size")
+        _non_negative(self, "probe_windows", "probe_mc_items", "cpu_threads")
+
+
 @dataclass(frozen=True)
 class PushConfig:
     _positional: ClassVar[str] = "run_dir"  # `arxiv-ft push runs/x --repo me/arxiv-lora`

@@ -702,13 +702,19 @@ def probe_base(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainabl
     if not cfg.probes:
         return None
 
-    key = {"dtype": str(launch.dtype), "device": launch.device.type, "quantized": launch.method.quantized}
-    if launch.method.quantized:  # the base is probed through the kernel training uses (see prepare_for_kbit)
-        key["kernel"] = "dequantize-matmul"
+    key = base_probe_key(launch.dtype, launch.device, launch.method)
     model = launch.accelerator.unwrap_model(trainable.model)
     return base_probes_cached(
         task.source, task.tokenizer, lambda: model, probe_config(cfg), cache_dir() / "probes", key
     )
+
+
+def base_probe_key(dtype, device, method: Method) -> dict:
+    """What besides the base and the probe config changes the base's probe numbers (their cache key's extra part)."""
+    key = {"dtype": str(dtype), "device": device.type, "quantized": method.quantized}
+    if method.quantized:  # the base is probed through the kernel training uses (see prepare_for_kbit)
+        key["kernel"] = "dequantize-matmul"
+    return key
 
 
 def probe_tuned(cfg, launch: Launch, task: Task, trainable: Trainable, base: dict | None) -> dict | None:

@@ -276,3 +276,50 @@ class HeadLoss(torch.nn.Module):
         prefix = self.prefix_ids if self.prefix_ids.shape[1] else None
         hidden = last_hidden_state(self.model, input_ids, attention_mask, position_ids, prefix)
         return F.cross_entropy(self.head(hidden), label_index, reduction="sum")
+
+
+def general_windows(tokenizer, path, window_tokens: int) -> torch.Tensor:
+    """A general-text file as non-overlapping windows of `window_tokens` tokens: [n_windows, window_tokens]."""
+    from pathlib import Path
+
+    ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    n = len(ids) // window_tokens
+    if n == 0:
+        raise ValueError(f"{path}: fewer than {window_tokens} tokens of general text")
+    return torch.tensor(ids[: n * window_tokens], dtype=torch.long).view(n, window_tokens)
+
+
+def kl_base_to_model(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ model) of next-token distributions, averaged over every position: [batch, length, vocab] inputs."""
+    base_log_p = torch.log_softmax(base_logits.float(), dim=-1)
+    log_q = torch.log_softmax(logits.float(), dim=-1)
+    return (base_log_p.exp() * (base_log_p - log_q)).sum(-1).mean()
+
+
+class KLRegularisedLoss(AnswerLoss):
+    """The answer-token loss plus β · KL(base ‖ model) on general text, a forgetting penalty: each micro-batch also
+    runs `n_windows` windows of general text (drawn with the step's seeded generator, so a resumed run draws the same
+    ones) through the model and through its base, and adds β times their mean KL, weighted by the micro-batch's target
+    tokens so that the step's loss is mean answer loss + β · mean KL. The base is the same model with its adapter
+    switched off (no second copy), or, for full fine-tuning, `reference`, a frozen copy taken before training."""
+
+    def __init__(self, model, prefix_ids, windows: torch.Tensor, beta: float, n_windows: int, reference=None):
+        super().__init__(model, prefix_ids)
+        self.register_buffer("windows", windows, persistent=False)
+        self.beta, self.n_windows, self.reference = beta, n_windows, reference
+
+    def forward(self, input_ids, position_ids, labels, **kwargs) -> torch.Tensor:
+        answer = super().forward(input_ids, position_ids, labels, **kwargs)
+        pick = torch.randint(len(self.windows), (self.n_windows,))
+        text = self.windows[pick.to(self.windows.device)]
+        return answer + self.beta * self.penalty(text) * target_token_count(labels)
+
+    def penalty(self, text: torch.Tensor) -> torch.Tensor:
+        """Mean KL(base ‖ model) over the positions of `text` [windows, tokens] (differentiable in the model)."""
+        with torch.no_grad():
+            if self.reference is not None:
+                base = self.reference(input_ids=text).logits
+            else:
+                with self.model.disable_adapter():
+                    base = self.model(input_ids=text).logits
+        return kl_base_to_model(base, self.model(input_ids=text).logits)

@@ -34,8 +34,8 @@ class Objective:
         if self.needs_prefix_cache and cfg.gradient_checkpointing:
             raise ValueError(f"--objective {self.name} continues from the prompt's KV cache: no checkpointing")
 
-    def build(self, model, builder, labels: list[str], prefix: list[int], device):
-        """(the module whose forward returns the summed loss, the classification head or None)."""
+    def build(self, cfg, model, builder, labels: list[str], prefix: list[int], device):
+        """(the module whose forward returns the summed loss, the classification head or None), for a run's `cfg`."""
         from arxiv_ft.loss import AnswerLoss
 
         return AnswerLoss(model, prefix), None
@@ -86,7 +86,7 @@ class LabelSoftmax(Objective):
     needs_prefix_cache: bool = True
     trie_in_training: bool = True
 
-    def build(self, model, builder, labels: list[str], prefix: list[int], device):
+    def build(self, cfg, model, builder, labels: list[str], prefix: list[int], device):
         from arxiv_ft.loss import LabelSoftmaxLoss, LabelTree
 
         tree = LabelTree([builder.label_targets[label] for label in labels])
@@ -111,7 +111,7 @@ class ClassificationHead(LabelSoftmax):
     trie_in_training: bool = False
     scores_with_head: bool = True
 
-    def build(self, model, builder, labels: list[str], prefix: list[int], device):
+    def build(self, cfg, model, builder, labels: list[str], prefix: list[int], device):
         from arxiv_ft.loss import ClassificationHead as Head
         from arxiv_ft.loss import HeadLoss
 
@@ -119,8 +119,36 @@ class ClassificationHead(LabelSoftmax):
         return HeadLoss(model, head, prefix), head
 
 
+@dataclass(frozen=True)
+class KLRegularised(Objective):
+    """The answer tokens plus a forgetting penalty: β · KL(base ‖ model) on general text (loss.KLRegularisedLoss)."""
+
+    name: str = "kl-regularised"
+    help: str = "the answer tokens + --kl-beta x KL(base || model) on general text (--kl-text), a forgetting penalty"
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if cfg.packing:
+            raise ValueError(f"--objective {self.name} adds general text to padded batches: it does not take --packing")
+
+    def build(self, cfg, model, builder, labels: list[str], prefix: list[int], device):
+        import copy
+
+        from arxiv_ft.loss import KLRegularisedLoss, general_windows
+
+        windows = general_windows(builder.tokenizer, cfg.kl_text, cfg.kl_window_tokens).to(device)
+        reference = None
+        if not hasattr(model, "disable_adapter"):  # full fine-tuning: a frozen copy of the base, taken before training
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            if is_deepspeed_zero3_enabled():
+                raise SystemExit(f"--objective {self.name} with full fine-tuning needs an unsharded copy: not ZeRO-3")
+            reference = copy.deepcopy(model).eval().requires_grad_(False)
+        return KLRegularisedLoss(model, prefix, windows, cfg.kl_beta, cfg.kl_windows, reference), None
+
+
 OBJECTIVES: dict[str, Objective] = {
-    o.name: o for o in (Objective(), DecisionWeighted(), LabelSoftmax(), ClassificationHead())
+    o.name: o for o in (Objective(), DecisionWeighted(), LabelSoftmax(), ClassificationHead(), KLRegularised())
 }
 
 

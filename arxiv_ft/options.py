@@ -93,7 +93,8 @@ class TrainConfig:
         ),
         "prompt": ("template", "max_seq_tokens", "token_budget", "chat_template", "system_role", "chat_date"),
         "optimisation": (
-            *("objective", "decision_weight", "epochs", "max_steps", "batch_size", "grad_accum_steps", "lr"),
+            *("objective", "decision_weight", "kl_beta", "kl_windows", "kl_window_tokens", "kl_text", "epochs"),
+            *("max_steps", "batch_size", "grad_accum_steps", "lr"),
             *("weight_decay", "warmup_ratio", "lr_schedule", "min_lr_ratio", "max_grad_norm", "group_by_length"),
             *("share_prefix", "packing", "compile", "seed", "cpu_threads", "expect_processes"),
         ),
@@ -204,6 +205,13 @@ class TrainConfig:
         "answer-tokens", "what training minimises: " + "; ".join(f"{o.name}: {o.help}" for o in OBJECTIVES.values())
     )
     decision_weight: float = option(4.0, "decision-weighted: weight of the token(s) that decide the label")
+    kl_beta: float = option(0.1, "kl-regularised: weight of KL(base || model) on general text (a forgetting penalty)")
+    kl_windows: int = option(2, "kl-regularised: general-text windows per micro-batch")
+    kl_window_tokens: int = option(128, "kl-regularised: tokens per general-text window")
+    kl_text: str = option(
+        str(ASSETS / "general_text_boolq.txt"),
+        "kl-regularised: general text (default: 400 Wikipedia paragraphs, none of the probes' text)",
+    )
     epochs: float = option(2.0, "passes over the training data (fractions allowed)", aliases=("num_train_epochs",))
     max_steps: int = option(0, "optimizer steps; overrides epochs when > 0")
     batch_size: int = option(8, "examples per micro-batch per process", aliases=("per_device_train_batch_size",))
@@ -273,9 +281,9 @@ class TrainConfig:
         _at_most(self, "epochs", 10**4, "a run that would never end")
         _at_most(self, "cpu_threads", os.cpu_count() or 1, "this machine's CPU count")
         _check_trackers(self.report_to)
-        _positive(self, "log_every_steps", "keep_checkpoints", "decision_weight")
+        _positive(self, "log_every_steps", "keep_checkpoints", "decision_weight", "kl_windows", "kl_window_tokens")
         _non_negative(self, "max_steps", "train_per_class", "eval_per_class", "test_per_class", "weight_decay")
-        _non_negative(self, "max_grad_norm")
+        _non_negative(self, "max_grad_norm", "kl_beta")
         _non_negative(self, "price_per_device_hour", "peak_tflops", "cpu_threads", "expect_processes", "lora_layers")
         _non_negative(self, "checkpoint_every_steps", "eval_every_steps")
         if METHODS[self.method].adapter:

@@ -288,7 +288,7 @@ def build(cfg: TrainConfig, launch: Launch, task: Task) -> Trainable:
     if prefix and not task.has_prefix:
         launch.log("not every prompt starts with the shared prefix: prefix sharing off")
         prefix = []
-    objective, head = get_objective(cfg.objective).build(model, task.builder, task.labels, prefix, launch.device)
+    objective, head = get_objective(cfg.objective).build(cfg, model, task.builder, task.labels, prefix, launch.device)
     return Trainable(model, objective, head, prefix, n_trainable + (head_size(head)), n_total + head_size(head))
 
 

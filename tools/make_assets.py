@@ -9,6 +9,7 @@ are newer than every training paper of their class; test is not newer than valid
 """
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,30 @@ def main() -> None:
     general = Path(args.shared) / "general"
     for name in ("wikitext2_raw_test.txt", "probe_mix_800.jsonl"):
         shutil.copy(general / name, ASSETS / name)
+    print("general text", write_general_text(general / "boolq_dev.jsonl", ASSETS / "probe_mix_800.jsonl"))
+
+
+GENERAL_PASSAGES = 400
+
+
+def write_general_text(boolq: Path, probe_items: Path) -> int:
+    """General text for the KL-regularised objective: Wikipedia paragraphs (BoolQ dev passages, CC BY-SA 3.0), none
+    of them a passage of a probe item, and not WikiText-2 (the perplexity probe's text): what the penalty sees and what
+    the probes measure stay distinct. One passage a paragraph, blank lines between."""
+    probe_ids = {json.loads(line)["id"] for line in probe_items.open()}
+    rows = [json.loads(line) for line in boolq.open()]
+
+    def passage(row) -> str:
+        return row["question"].split("Passage:", 1)[-1].split("\nQuestion:")[0].strip()
+
+    probed = {passage(r) for r in rows if r["id"] in probe_ids}
+    out: list[str] = []
+    for row in rows:
+        text = passage(row)
+        if text not in probed and text not in out:
+            out.append(text)
+    (ASSETS / "general_text_boolq.txt").write_text("\n\n".join(out[:GENERAL_PASSAGES]) + "\n", encoding="utf-8")
+    return min(len(out), GENERAL_PASSAGES)
 
 
 if __name__ == "__main__":

@@ -479,6 +479,22 @@ class InterpolateConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    _positional: ClassVar[str] = "spec"  # `arxiv-ft sweep presets/frontier/cpu.yaml --out runs/frontier`
+    spec: str = option("", "the sweep spec (YAML: recipe, seeds, methods with their learning rates, options)")
+    out: str = option("", "the folder every point's run folder goes into")
+    jobs: int = option(1, "runs at a time (each gets --cpu-threads 1 when > 1)")
+    point: int = option(-1, "run only point I (a Slurm array task); -1 = every unfinished point")
+    args_of: int = option(-1, "print point I's train.py arguments and stop")
+    list: bool = option(False, "print the points (index and name) and stop")
+
+    def __post_init__(self):
+        if not self.spec or not self.out:
+            raise ValueError("give the spec and --out: arxiv-ft sweep SPEC --out DIR")
+        _positive(self, "jobs")
+
+
+@dataclass(frozen=True)
 class PushConfig:
     _positional: ClassVar[str] = "run_dir"  # `arxiv-ft push runs/x --repo me/arxiv-lora`
     run_dir: str = option("", "a finished train.py output folder")

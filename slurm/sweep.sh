@@ -4,6 +4,7 @@
 # Runs on the login node; prints the job ids.
 #
 #   METHODS="lora full" SEEDS="0 1 2" SBATCH_ARGS="--gpus-per-node=1 --time=4:00:00" slurm/sweep.sh
+#   SPEC=presets/frontier/gpu.yaml SBATCH_ARGS="--gpus-per-node=1" slurm/sweep.sh   # learning-rate sweep, an array
 #   PRESET_DIR=presets/compare SWEEP_DIR=runs/sweep-cs slurm/sweep.sh --train-per-class 100    # args go to every run
 #
 # Layout: $SWEEP_DIR/<method>-seed<seed>/ is each run's train.py --output-dir (a requeued run resumes there),
@@ -13,6 +14,7 @@
 #
 # Arguments: train.py options for every run (after the preset, so they override it).
 # Environment:
+#   SPEC          a sweep spec (arxiv_ft/sweep.py): its points as one array job instead of METHODS x SEEDS
 #   SWEEP_DIR     where everything goes (default runs/sweep-<date>-<time>)
 #   METHODS       train.py --method values (default "lora full")
 #   SEEDS         train.py --seed values (default "0 1 2")
@@ -49,6 +51,20 @@ export REPO_DIR VENV
 
 job_ids=()
 run_dirs=()
+if [ -n "${SPEC:-}" ]; then
+  # A learning-rate sweep (arxiv_ft/sweep.py): one array task of $TRAIN_SCRIPT a point, the same folders and ledgers
+  # as `arxiv-ft sweep SPEC --out SWEEP_DIR` locally; submitted again, finished points end at once.
+  py=python3
+  [ -n "$VENV" ] && [ -x "$VENV/bin/python" ] && py=$VENV/bin/python
+  mapfile -t names < <("$py" -m arxiv_ft.sweep "$SPEC" --out "$SWEEP_DIR" --list | cut -d' ' -f2)
+  id=$(SWEEP_SPEC=$SPEC SWEEP_OUT=$SWEEP_DIR sbatch --parsable --chdir="$REPO_DIR" --job-name=sweep-points \
+    --array=0-$((${#names[@]} - 1)) --output="$SWEEP_DIR/logs/point-%a-%A.out" "${sbatch_args[@]}" \
+    "$TRAIN_SCRIPT" "$@")
+  echo "points: job $id (array 0-$((${#names[@]} - 1)): ${names[*]})"
+  job_ids+=("${id%%;*}")
+  for name in "${names[@]}"; do run_dirs+=("$SWEEP_DIR/$name"); done
+  METHODS=""
+fi
 for method in $METHODS; do
   preset=""
   if [ -n "${PRESET_DIR:-}" ] && [ -f "$PRESET_DIR/$method.yaml" ]; then

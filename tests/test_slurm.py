@@ -299,3 +299,35 @@ def test_sweep_submits_runs_and_a_report_after_them(cluster, tiny_model_dir, tmp
     assert (sweep / "report" / "report.md").is_file()
     summary = json.loads((sweep / "report" / "summary.json").read_text())
     assert len(summary["runs"]) >= 2  # the TF-IDF ledgers at least; train.py runs too once they write ledgers
+
+
+def test_a_sweep_spec_runs_as_one_array_job_with_the_local_sweeps_folders(cluster, tiny_model_dir, tmp_path):
+    """SPEC=... slurm/sweep.sh: one array task of train.sbatch a point, the folders `arxiv-ft sweep` uses locally;
+    submitted again, every task finds its point finished and ends at once."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    options = {"model": tiny_model_dir, "train_per_class": 4, "eval_per_class": 1, "test_per_class": 1}
+    options |= {"max_seq_tokens": 160, "max_steps": 2, "batch_size": 4, "eval_batch_size": 8, "probes": False}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"seeds": [5], "methods": {"lora": [1.0e-2, 3.0e-2]}, "options": options}))
+    env = {**cluster.env, "SWEEP_DIR": str(sweep), "SPEC": str(spec), "SBATCH_ARGS": " ".join(LIMITS)}
+
+    def submit() -> str:
+        res = subprocess.run(["slurm/sweep.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert re.search(r"^points: job \d+ \(array 0-1: lora-lr0.01-s5 lora-lr0.03-s5\)$", res.stdout, re.M)
+        report_job = re.search(r"^report: job (\d+)", res.stdout, re.M).group(1)
+        info = cluster.wait(report_job, None, timeout=400)
+        logs = "\n".join(p.read_text(errors="replace")[-1500:] for p in sorted(sweep.glob("logs/*.out")))
+        assert info["JobState"] == "COMPLETED", logs
+        return logs
+
+    submit()
+    for name in ("lora-lr0.01-s5", "lora-lr0.03-s5"):
+        ledger = json.loads((sweep / name / "ledger.json").read_text())
+        assert ledger["train"]["steps"] == 2 and ledger["config"]["lr"] == float(name.split("lr")[1].split("-")[0])
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/ledger.json")}
+    logs = submit()
+    assert logs.count("is finished") >= 2 and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (sweep / "report" / "report.md").is_file()

@@ -22,6 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from arxiv_ft import frontier
 from arxiv_ft.ledger import LEDGER_VERSION, Ledger, LedgerError, known_methods
 from arxiv_ft.options import ReportConfig
 
@@ -188,6 +189,7 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None, split: str
         "device_count": cost.get("device_count"),
         "device_hours": cost.get("device_hours"),
         "tokens_per_second": cost.get("tokens_per_second"),
+        "tokens_seen": cost.get("tokens_seen"),
         "mfu": cost.get("mfu"),
         "peak_memory_bytes": cost.get("peak_memory_bytes"),
         "trainable_parameters": cost.get("trainable_parameters"),
@@ -582,6 +584,7 @@ def render_markdown(
     sources: list[dict],
     comparisons: list[dict] | None = None,
     split: str = "validation",
+    frontier_part: list[str] | None = None,
 ) -> str:
     """The whole report.md text."""
     significance = []
@@ -620,6 +623,7 @@ def render_markdown(
         "",
         *significance,
         *forgetting_part,
+        *(frontier_part or []),
         "## Every run",
         "",
         run_table(rows, currency),
@@ -810,7 +814,23 @@ def build_report(
         bar.update()
         plots.append(plot_loss_curves(rows, out / "loss_curves.png"))
         bar.update()
-    markdown = render_markdown(rows, groups, currency, plots, sources, comparisons, split)
+    pts = frontier.points(rows)
+    frontier_part = []
+    if len({p["method"] for p in pts}) >= 1 and len(pts) >= 2:
+        plots.append(frontier.plot(pts, out / "frontier.png"))
+        table, verdicts = frontier.matched_table(pts, frontier.targets(pts))
+        frontier_part = [
+            "## Frontier: accuracy against forgetting (learning rates and WiSE-FT α; `frontier.png`)",
+            "",
+            "Forgetting and cost at matched accuracy, read along each method's own Pareto front (linear between its "
+            "two points around the accuracy; intervals interpolated alike; device-seconds of the training run):",
+            "",
+            table,
+            "",
+            *[f"- {v}" for v in verdicts],
+            "",
+        ]
+    markdown = render_markdown(rows, groups, currency, plots, sources, comparisons, split, frontier_part)
     (out / "report.md").write_text(markdown, encoding="utf-8")
     summary = {
         "ledger_version": LEDGER_VERSION,
@@ -823,6 +843,7 @@ def build_report(
         "groups": groups,
         "comparisons": comparisons,
         "plots": [Path(p).name for p in plots],
+        "frontier": pts,
     }
     (out / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n", encoding="utf-8")
     return summary

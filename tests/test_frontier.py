@@ -1,0 +1,78 @@
+"""The frontier (arxiv_ft/frontier.py): points per (method, rate, α) over seeds, the Pareto front, forgetting at
+matched accuracy read along each method's front, and the verdict's wording."""
+
+from __future__ import annotations
+
+import pytest
+
+from arxiv_ft import frontier
+
+
+def row(method, lr, acc, ppl, seed=0, alpha=None, ci=2.0, wall=100.0):
+    config = {"lr": lr} | ({"wise_alpha": alpha} if alpha is not None else {})
+    return {
+        "method": method,
+        "seed": seed,
+        "config": config,
+        "acc_after": acc,
+        "ppl_change_pct": ppl,
+        "kl": ppl / 100,
+        "mc_delta": -ppl / 1000,
+        "forgetting_ci95": {"ppl_change_pct": [ppl - ci, ppl + ci], "kl": [ppl / 100 - 0.01, ppl / 100 + 0.01]},
+        "wall_seconds": wall,
+        "device_count": 1,
+    }
+
+
+@pytest.fixture
+def pts():
+    rows = [
+        row("lora", 2e-3, 0.60, 50.0, seed=0),
+        row("lora", 2e-3, 0.58, 54.0, seed=1),  # two seeds: one point, mean 59%, +52%
+        row("lora", 2e-3, 0.40, 10.0, alpha=0.5),
+        row("lora", 4e-4, 0.30, 2.0),
+        row("full", 2e-4, 0.59, 8.0, ci=1.0, wall=300.0),
+        row("full", 2e-4, 0.45, 3.0, alpha=0.5, ci=1.0, wall=300.0),
+        {"method": "tfidf-svm", "seed": 0, "config": {}, "acc_after": 0.6, "kl": None, "ppl_change_pct": None},
+    ]
+    return frontier.points(rows)
+
+
+def test_points_average_seeds_and_label_rates_and_alphas(pts):
+    lora = {p["label"]: p for p in pts if p["method"] == "lora"}
+    assert set(lora) == {"lr 0.002", "lr 0.002, α 0.5", "lr 0.0004"}
+    assert lora["lr 0.002"]["accuracy"] == pytest.approx(0.59) and lora["lr 0.002"]["ppl_change_pct"] == 52.0
+    assert lora["lr 0.002"]["ppl_change_pct_ci"] == [48.0, 56.0]  # the envelope of the two seeds' intervals
+    assert lora["lr 0.002"]["seeds"] == [0, 1] and len(pts) == 5  # the baseline is no point
+
+
+def test_the_front_and_matched_accuracy(pts):
+    front = frontier.pareto(pts, "ppl_change_pct")
+    assert [(p["method"], p["label"]) for p in front] == [
+        ("lora", "lr 0.0004"),
+        ("full", "lr 0.0002, α 0.5"),
+        ("full", "lr 0.0002"),
+    ]
+    lora = [p for p in pts if p["method"] == "lora"]
+    got = frontier.at_accuracy(lora, 0.50, "ppl_change_pct")  # between 40% (+10) and 59% (+52): 10/19 of the way
+    assert got["value"] == pytest.approx(10 + (0.10 / 0.19) * 42) and got["ci"][0] < got["value"] < got["ci"][1]
+    assert frontier.at_accuracy(lora, 0.62, "ppl_change_pct") is None  # beyond what LoRA reached
+    assert frontier.targets(pts) == [0.45, 0.5, 0.55]
+    table, verdicts = frontier.matched_table(pts, [0.50])
+    assert "| 50% |" in table and "full forgets least, and its interval is clear of lora's" in verdicts[0]
+
+
+def test_overlapping_intervals_are_no_verdict():
+    rows = [row("lora", 1e-3, 0.4, 10.0, ci=8), row("lora", 2e-3, 0.6, 20.0, ci=8)]
+    rows += [row("full", 1e-4, 0.4, 12.0, ci=8), row("full", 2e-4, 0.6, 22.0, ci=8)]
+    _, verdicts = frontier.matched_table(frontier.points(rows), [0.5])
+    assert verdicts == [
+        "At 50% accuracy, lora forgets least, but its interval overlaps full's: no method dominates here."
+    ]
+
+
+def test_the_plot_is_written(pts, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    assert (tmp_path / "f.png").name in frontier.plot(pts, tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size

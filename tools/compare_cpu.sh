@@ -13,11 +13,13 @@ PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-10 11 12}  # the recipe was chosen with seeds 0 and 1: these took no part in it
 METHODS=${METHODS:-lora qlora dora full}
 JOBS=${JOBS:-1}   # runs at a time; with 2, each gets one core (--cpu-threads 1)
+CPU_THREADS=${CPU_THREADS:-}   # torch threads per run (1 when sharing the machine with other work)
 export HF_HUB_OFFLINE=1
 mkdir -p "$RUNS" "$DOCS/ledgers"
 run() {  # method seed
   local out="$RUNS/$1-seed$2" threads=()
   [ "$JOBS" -gt 1 ] && threads=(--cpu-threads 1)
+  [ -n "$CPU_THREADS" ] && threads=(--cpu-threads "$CPU_THREADS")
   [ -f "$out/ledger.json" ] || "$PY" train.py --config "presets/compare/$1.yaml" --seed "$2" --output-dir "$out" \
     "${threads[@]}" > "$RUNS/$1-seed$2.log" 2>&1
   cp "$out/ledger.json" "$DOCS/ledgers/$1-seed$2.json"

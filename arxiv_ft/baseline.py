@@ -264,3 +264,25 @@ def main(argv: list[str] | None = None, prog: str | None = None):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def run_tfidf_rows(cfg, launch, task) -> dict | None:
+    """TF-IDF + linear SVM on the same training papers, tuned (C by cross-validation on them) and untuned, reading
+    the text the LLM's prompt holds and the full abstract: the bar the fine-tune must clear, measured in the run
+    itself, on the validation and the test papers ({"validation": rows, "test": rows})."""
+    if not cfg.tfidf_baseline:
+        return None
+
+    from arxiv_ft.sources import to_records
+
+    train = to_records(task.train)
+    seen = {r.id: task.builder.visible_text(r) for r in train + task.eval_records + task.test_records}
+    sets = {"validation": task.eval_records} | ({"test": task.test_records} if task.test_records else {})
+    rows = tfidf_rows(train, sets, task.labels, lambda r: seen[r.id])
+    for name, scored in rows.items():
+        launch.log(
+            f"[{name}] TF-IDF on the same {len(train)} papers: tuned {scored['tuned_llm_text']['accuracy']:.4f} "
+            f"reading the prompt's text, {scored['tuned_full_text']['accuracy']:.4f} the full abstract; untuned "
+            f"{scored['llm_text']['accuracy']:.4f} / {scored['full_text']['accuracy']:.4f}"
+        )
+    return rows

@@ -22,10 +22,14 @@ import re
 import shutil
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from arxiv_ft.fileio import atomic_write, file_digest, fsync_dir, fsync_tree, read_json, write_json
+
+if TYPE_CHECKING:
+    from arxiv_ft.fit import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +193,222 @@ class GracefulStop:
         """True on every process if any process got a signal (one tiny all-reduce per step)."""
         flag = torch.tensor(1 if self.received is not None else 0, device=accelerator.device)
         return bool(accelerator.reduce(flag, "max"))
+
+
+# ------------------------------------------------------------------------------------------- a run's checkpoints
+# What a training run saves and restores: its weights (run folders, checkpoints, best/), the optimizer state, and
+# resumption. `run` is the training's context (phases.Run: cfg, launch, task, trainable, setup).
+
+RESUMABLE_CHANGES = {
+    "batch_size",  # with grad_accum_steps and the process count: only their product (checked) must stay
+    "grad_accum_steps",
+    "resume",
+    "output_dir",
+    "overwrite_output_dir",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_mode",
+    "expect_processes",
+    "report_to",
+    "run_name",
+    "cpu_threads",
+    "push_to_hub",
+    "merge",
+}
+
+
+def resume(run) -> tuple[TrainState, dict | None]:
+    """The newest usable checkpoint's state (model and optimizer restored) and its zero-shot scores, or a fresh
+    state."""
+    from arxiv_ft.config import to_dict
+    from arxiv_ft.fit import TrainState, schedule
+
+    cfg, launch, setup = run.cfg, run.launch, run.setup
+    for path in find_resume(cfg.output_dir, cfg.resume):
+        problem = verify(path)
+        if problem:
+            launch.log(f"skipping checkpoint {path}: {problem}")
+            continue
+        saved = read_state(path)
+        check_resumable(saved.get("config", {}), to_dict(cfg))
+        global_batch = saved.get("global_batch", setup.plan.step_size)
+        if global_batch != setup.plan.step_size:
+            world = launch.accelerator.num_processes
+            raise SystemExit(
+                f"{path} was trained with {global_batch} examples per optimizer step; this launch makes "
+                f"{setup.plan.step_size} ({cfg.batch_size} per micro-batch x {world} processes x "
+                f"{cfg.grad_accum_steps} accumulation steps): choose --batch-size / --grad-accum-steps so the "
+                "product is the same, and the same global batches follow"
+            )
+        if saved.get("format") == "accelerate" and saved.get("world_size") != launch.accelerator.num_processes:
+            raise SystemExit(
+                f"{path} holds {saved.get('world_size')} DeepSpeed/FSDP shards, this launch has "
+                f"{launch.accelerator.num_processes} processes: resume with the same number (DeepSpeed cannot "
+                "re-shard them), or from a checkpoint of a DDP/single-process run"
+            )
+        load_checkpoint(run, path, saved)
+        state = TrainState.from_json(saved["state"])
+        setup.scheduler = schedule(cfg, setup.optimizer, setup.plan.steps, state.step)  # positioned at the step
+        changed = saved.get("world_size") != launch.accelerator.num_processes
+        launch.log(
+            f"resumed from {path} at step {state.step}/{setup.plan.steps}"
+            + (f" (saved by {saved.get('world_size')} processes; the same global batches follow)" if changed else "")
+        )
+        return state, saved.get("before")
+    return TrainState(), None
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint made with a different training configuration."""
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise SystemExit(
+            f"checkpoint was made with a different config ({details}); use --resume none or a new output dir"
+        )
+
+
+def _uses_accelerate_state(acc) -> bool:
+    from accelerate import DistributedType
+
+    return acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def _gathered_state_dict(acc, train_model) -> dict | None:
+    """Full weights where they exist only sharded (ZeRO-3, FSDP2): every rank takes part, the main one gets them.
+
+    (FSDP2's parameters are DTensors; `save_pretrained` on them fails, their gathered state dict saves.)"""
+    from accelerate import DistributedType
+
+    plugin = acc.state.deepspeed_plugin
+    if (plugin is not None and plugin.zero_stage == 3) or acc.distributed_type == DistributedType.FSDP:
+        full = acc.get_state_dict(train_model)
+        return {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
+    return None
+
+
+def save_weights(run, folder: Path) -> None:
+    """Write a loadable run folder's weights and task files into `folder` (every process calls this)."""
+    from arxiv_ft.config import to_dict
+    from arxiv_ft.modeling import register_in_hub_cache
+    from arxiv_ft.rundir import RunDir
+
+    cfg, launch, task, trainable, setup = run.cfg, run.launch, run.task, run.trainable, run.setup
+    acc = launch.accelerator
+    state_dict = _gathered_state_dict(acc, setup.train_model)
+    if acc.is_main_process:
+        out = RunDir(folder)
+        model = acc.unwrap_model(trainable.model)
+        head = trainable.head.state_dict() if trainable.head is not None else None
+        if state_dict is not None and head is not None:
+            head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+        out.write_weights(launch.method, model, state_dict=state_dict, head_state=head)
+        out.write_task(to_dict(cfg), task.labels, task.prompt, task.source.record())
+        out.write_tokenizer(task.tokenizer)  # every loadable folder carries its own tokenizer and chat template
+        hub_id = task.source.hub_id()
+        out.fix_adapter_base(hub_id)
+        if hub_id and launch.method.adapter:  # so plain peft finds the base by that id offline, here
+            register_in_hub_cache(task.source.path(), hub_id)
+
+
+def save_checkpoint(run, state: TrainState, before: dict | None) -> Path:
+    """A resumable, loadable checkpoint of `state.step` (see arxiv_ft/checkpoints.py)."""
+    from safetensors.torch import save_file
+
+    from arxiv_ft.config import to_dict
+
+    cfg, launch, setup = run.cfg, run.launch, run.setup
+    acc = launch.accelerator
+    root = checkpoint_root(cfg.output_dir)
+    partial, final = root / f"step-{state.step:08d}.partial", root / f"step-{state.step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crash while saving this same step
+        partial.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_weights(run, partial)
+    sharded = _uses_accelerate_state(acc)
+    if sharded:
+        acc.save_state(str(partial / ACCELERATE_STATE))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if not sharded:
+            tensors, meta = optimizer_tensors(setup.optimizer)
+            save_file(tensors, partial / OPTIMIZER_FILE)
+            write_json(partial / OPTIMIZER_META, meta)
+        write_state(
+            partial,
+            {
+                "format": "accelerate" if sharded else "safetensors",
+                "world_size": acc.num_processes,
+                "global_batch": setup.plan.step_size,
+                "config": to_dict(cfg),
+                "state": state.to_json(),
+                "before": before,
+            },
+        )
+        publish(partial, final, state.step)
+        rotate(cfg.output_dir, cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(run, path: Path, saved: dict) -> None:
+    """Restore trained weights and optimizer state from a checkpoint (every process)."""
+    from safetensors.torch import load_file
+
+    launch, setup, trainable = run.launch, run.setup, run.trainable
+    acc = launch.accelerator
+    if saved.get("format") == "accelerate":
+        acc.load_state(str(path / ACCELERATE_STATE))
+        return
+    model = acc.unwrap_model(trainable.model)
+    if launch.method.adapter:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    else:
+        weights = {}
+        for file in sorted(path.glob("model*.safetensors")):
+            weights.update(load_file(file))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or {})
+        if unexpected or [k for k in missing if k not in tied]:
+            raise SystemExit(
+                f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    if trainable.head is not None:
+        trainable.head.load_state_dict(load_file(path / "classifier_head.safetensors"))
+    load_optimizer(setup.optimizer, load_file(path / OPTIMIZER_FILE), read_json(path / OPTIMIZER_META))
+
+
+def save_best(run, metrics: dict, step: int) -> None:
+    """Replace best/ with the model as it is now (every process; the swap is atomic on the main one)."""
+    from arxiv_ft.rundir import RunDir
+
+    cfg, launch = run.cfg, run.launch
+    out = Path(cfg.output_dir)
+    partial, best, old = out / "best.partial", out / "best", out / "best.old"
+    if launch.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    launch.accelerator.wait_for_everyone()
+    save_weights(run, partial)
+    if launch.is_main:
+        RunDir(partial).write_metrics({"step": step, "eval": metrics})
+        fsync_tree(partial)
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(partial, best)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(out)
+    launch.accelerator.wait_for_everyone()
+
+
+def ensure_checkpoint(run, state: TrainState, before) -> None:
+    """A checkpoint of the step reached, unless the newest one already is."""
+    cfg = run.cfg
+    done = complete_checkpoints(cfg.output_dir)
+    if not (done and _step_of(done[-1]) == state.step):
+        save_checkpoint(run, state, before)

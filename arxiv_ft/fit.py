@@ -44,6 +44,12 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def schedule(cfg, optimizer, total_steps: int, step: int = 0):
+    """The learning-rate schedule a train config asks for (warm-up ratio, shape, floor), positioned at `step`."""
+    warmup = min(total_steps, math.ceil(cfg.warmup_ratio * total_steps))
+    return lr_schedule(optimizer, cfg.lr_schedule, warmup, total_steps, cfg.min_lr_ratio, step)
+
+
 def lr_schedule(optimizer, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, step: int = 0):
     """A LambdaLR following `lr_factor`, positioned at `step` (resuming needs nothing else)."""
     if schedule not in SCHEDULES:

@@ -479,3 +479,65 @@ def describe_forgetting(delta: dict) -> str:
             f" [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
         )
     return text
+
+
+# ------------------------------------------------------------------------------ a training run's probes
+
+
+def probe_config(cfg) -> ProbeConfig:
+    """The probes a train config asks for."""
+    return ProbeConfig(n_windows=cfg.probe_windows, mc_items=cfg.probe_mc_items, kl=cfg.probe_kl)
+
+
+def probe_base(run) -> dict | None:
+    """The base model's probe results (cached per base model + probe config: probed once, not once per run).
+
+    Probed before training, through the model being trained: LoRA and DoRA adapters start as the identity.
+    `run`: the training's context (phases.Run).
+    """
+    from arxiv_ft.modeling import cache_dir
+
+    cfg, launch, task, trainable = run.cfg, run.launch, run.task, run.trainable
+    if not cfg.probes:
+        return None
+
+    key = base_probe_key(launch.dtype, launch.device, launch.method)
+    model = launch.accelerator.unwrap_model(trainable.model)
+    return base_probes_cached(
+        task.source, task.tokenizer, lambda: model, probe_config(cfg), cache_dir() / "probes", key
+    )
+
+
+def base_probe_key(dtype, device, method) -> dict:
+    """What besides the base and the probe config changes the base's probe numbers (their cache key's extra part)."""
+    key = {"dtype": str(dtype), "device": device.type, "quantized": method.quantized}
+    if method.quantized:  # the base is probed through the kernel training uses (see prepare_for_kbit)
+        key["kernel"] = "dequantize-matmul"
+    return key
+
+
+def probe_tuned(run, base: dict | None) -> dict | None:
+    """The tuned model's probes and the difference from the base (`run`: the training's context, phases.Run)."""
+    cfg, launch, task, trainable = run.cfg, run.launch, run.task, run.trainable
+    if not cfg.probes:
+        return None
+
+    model = launch.accelerator.unwrap_model(trainable.model)
+    # KL needs the base's next-token distributions: an adapter switched off is the base; full fine-tuning has
+    # changed every weight, so the base is loaded again (a second copy, for the probe only).
+    reference, probes = None, probe_config(cfg)
+    if cfg.probe_kl and not hasattr(model, "disable_adapter"):
+        if launch.kind in ("zero3", "zero3-offload", "fsdp"):
+            # A second, unsharded copy is what sharding is there to avoid (and loading it would enter ZeRO-3's
+            # partitioning): KL is left out here, and the perplexity and multiple-choice probes still run.
+            launch.log("forgetting: KL(base || tuned) is not measured for full fine-tuning under ZeRO-3/FSDP")
+            probes = dataclasses.replace(probes, kl=False)
+        else:
+            from arxiv_ft.modeling import load_model
+
+            reference = load_model(task.source, launch.dtype, cfg.trust_remote_code).to(launch.device)
+    tuned = run_probes(model, task.tokenizer, probes, base_model=reference)
+    del reference
+    delta = forgetting_delta(base, tuned)
+    launch.log("forgetting: " + describe_forgetting(delta))
+    return {"base": base, "tuned": tuned, "delta": delta}

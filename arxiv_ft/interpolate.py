@@ -112,11 +112,17 @@ def score_alpha(cfg, run, alpha: float, path: Path) -> None:
     from arxiv_ft.classifier import Classifier, evaluate
     from arxiv_ft.config import config_from_dict
     from arxiv_ft.data import PromptBuilder
-    from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, describe_forgetting, forgetting_delta, run_probes
+    from arxiv_ft.forgetting import (
+        ProbeConfig,
+        base_probe_key,
+        base_probes_cached,
+        describe_forgetting,
+        forgetting_delta,
+        run_probes,
+    )
     from arxiv_ft.ledger import Ledger, now, scores
     from arxiv_ft.modeling import cache_dir
     from arxiv_ft.options import TrainConfig
-    from arxiv_ft.phases import base_probe_key
     from arxiv_ft.sources import load_task, load_test
 
     started = time.perf_counter()

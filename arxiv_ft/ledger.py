@@ -213,3 +213,57 @@ def git_revision(folder: str | Path | None = None) -> str | None:
 def now() -> str:
     """The ledger's timestamp format: UTC, seconds."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_ledger(run, metrics: dict) -> None:
+    """The typed record of a training run (`run`: phases.Run), written last: a folder with ledger.json holds a finished
+    run. The main process writes it."""
+    from arxiv_ft.config import to_dict
+
+    cfg, launch, task = run.cfg, run.launch, run.task
+    if not launch.is_main:
+        return
+
+    cost = dict(metrics["cost"])
+    for key in ("flops_per_token", "parameter_bytes"):
+        cost.pop(key, None)
+    ledger = Ledger(
+        run_id=Path(cfg.output_dir).name,
+        method=cfg.method,
+        seed=cfg.seed,
+        model=cfg.model,
+        config=to_dict(cfg),
+        data={
+            "train_file": cfg.train_file,
+            "eval_file": cfg.eval_file,
+            "test_file": cfg.test_path or None,
+            "n_test": len(task.test_records),
+            "n_train": len(task.examples),
+            "n_eval": len(task.eval_records),
+            "labels": task.labels,
+        },
+        task={
+            "before": scores(scored_as(metrics["before"])),
+            "after": scores(scored_as(metrics["after"])),
+            **tfidf_scores(metrics["tfidf"]),
+        },
+        test=None
+        if metrics["test"] is None
+        else {"after": scores(scored_as(metrics["test"]["after"])), **tfidf_scores(metrics["test"]["tfidf"])},
+        forgetting=metrics["forgetting"],
+        cost=cost,
+        train={"loss_curve": metrics["train"]["loss_curve"], "steps": metrics["train"]["steps"]},
+        versions=package_versions("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes"),
+        git_revision=launch.revision,
+        created=now(),
+        run_name=cfg.run_name or Path(cfg.output_dir).name,
+    )
+    ledger.write(Path(cfg.output_dir) / "ledger.json")
+
+
+def tfidf_scores(rows: dict | None) -> dict:
+    """A run's TF-IDF rows as ledger task entries (tfidf = untuned on the prompt's text, as in ledger version 1)."""
+    rows = rows or {}
+    names = {"tfidf": "llm_text", "tfidf_full_text": "full_text"}
+    names |= {"tfidf_tuned": "tuned_llm_text", "tfidf_tuned_full_text": "tuned_full_text"}
+    return {entry: scores(rows.get(row)) for entry, row in names.items()}

@@ -91,3 +91,42 @@ def peak_memory_bytes(device) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cost_figures(run, state, started: float) -> dict:
+    """A training run's cost (`run`: phases.Run; `state`: its fit.TrainState; `started`: perf_counter at its start):
+    wall and training time, device-hours, money, throughput, MFU, memory and parameter counts."""
+    import time
+
+    import torch
+
+    from arxiv_ft.modeling import parameter_bytes
+
+    cfg, launch, trainable = run.cfg, run.launch, run.trainable
+    acc, world = launch.accelerator, launch.accelerator.num_processes
+    wall = time.perf_counter() - started
+    device_hours = wall * world / 3600
+    tokens_per_second = state.tokens_seen / state.train_seconds if state.train_seconds else None
+    flops = launch.method.flops_per_token(trainable.n_total, trainable.n_trainable)
+    # Full fine-tuning keeps fp32 weights and computes in bf16 under mixed precision: the peak is bf16's.
+    compute = torch.bfloat16 if acc.mixed_precision == "bf16" else launch.dtype
+    peak = cfg.peak_tflops * 1e12 or peak_flops(launch.device, compute)
+    mfu = model_flops_utilisation(flops, tokens_per_second / world if tokens_per_second else None, peak)
+
+    return {
+        "wall_seconds": wall,
+        "train_seconds": state.train_seconds,
+        "device_type": torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu",
+        "device_count": world,
+        "device_hours": device_hours,
+        "tokens_seen": state.tokens_seen,
+        "tokens_per_second": tokens_per_second,
+        "flops_per_token": flops,
+        "mfu": mfu,
+        "peak_memory_bytes": peak_memory_bytes(launch.device),  # this process's (every rank holds the same shapes)
+        "trainable_parameters": trainable.n_trainable,
+        "total_parameters": trainable.n_total,
+        "parameter_bytes": parameter_bytes(acc.unwrap_model(trainable.model)),
+        "price_per_device_hour": cfg.price_per_device_hour or None,
+        "cost": device_hours * cfg.price_per_device_hour if cfg.price_per_device_hour else None,
+    }

@@ -1,9 +1,13 @@
 """The phases of a training run, in the order `arxiv_ft.train.train` calls them:
 
-    launch -> task -> build the method -> evaluate -> fit -> evaluate -> probes -> save the run -> ledger
+    launch -> task -> build the method -> fit set-up -> [Run] -> evaluate -> fit -> evaluate -> probes -> save -> ledger
 
-Each phase is a function of the config and what earlier phases returned; none keeps hidden state. The heavy
-libraries load here, not where the command line is parsed.
+The first phases take the config and what earlier ones returned; from the fit set-up on, every phase takes one frozen
+`Run` (config, launch, task, trainable, set-up) and the training state where it reads or changes it. The work lives in
+the modules that own it: the launch (launch.py), checkpoints and best/ (checkpoints.py), cost (metrics.py), probes
+(forgetting.py), TF-IDF (baseline.py), the ledger (ledger.py); this module only orders them. Mutable state: the
+`TrainState` fit advances (periodic evaluations append to it), and the optimizer and schedule inside the set-up
+(resume restores them).
 """
 
 from __future__ import annotations
@@ -11,169 +15,44 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
 import shlex
-import shutil
 import sys
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType
-from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin, broadcast_object_list, set_seed
-from safetensors.torch import load_file, save_file
+from accelerate import DistributedType
+from accelerate.utils import broadcast_object_list
 
-from arxiv_ft import baseline
 from arxiv_ft import checkpoints as ckpt
 from arxiv_ft import records as rec
+from arxiv_ft.baseline import run_tfidf_rows as tfidf_rows
 from arxiv_ft.card import model_card, push_run, upload_failed
+from arxiv_ft.checkpoints import ensure_checkpoint, resume, save_checkpoint, save_weights
 from arxiv_ft.classifier import Classifier, evaluate
-from arxiv_ft.config import to_dict
-from arxiv_ft.data import (
-    BatchPlan,
-    ChatTemplateError,
-    PromptBuilder,
-    tokenize_dataset,
-)
-from arxiv_ft.fileio import FolderLock, cached_json, fsync_dir, fsync_tree, read_json, write_json
-from arxiv_ft.fit import Setup, Stopped, TrainState, lr_schedule
-from arxiv_ft.forgetting import ProbeConfig, base_probes_cached, describe_forgetting, forgetting_delta, run_probes
-from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scored_as, scores
+from arxiv_ft.data import BatchPlan, ChatTemplateError, PromptBuilder, tokenize_dataset
+from arxiv_ft.fileio import FolderLock, cached_json
+from arxiv_ft.fit import Setup, Stopped, TrainState, schedule
+from arxiv_ft.forgetting import probe_base, probe_tuned
+from arxiv_ft.launch import Launch, start
+from arxiv_ft.ledger import scored_as
+from arxiv_ft.ledger import write_run_ledger as write_ledger
 from arxiv_ft.merge import merge_run
-from arxiv_ft.methods import Method, get_method
-from arxiv_ft.metrics import format_report, model_flops_utilisation, peak_flops, peak_memory_bytes
-from arxiv_ft.modeling import (
-    ModelSource,
-    cache_dir,
-    count_parameters,
-    estimate_memory,
-    load_tokenizer,
-    model_config,
-    parameter_bytes,
-    register_in_hub_cache,
-    resolve_dtype,
-    set_cpu_threads,
-)
+from arxiv_ft.metrics import cost_figures, format_report
+from arxiv_ft.modeling import ModelSource, cache_dir, count_parameters, estimate_memory, load_tokenizer, model_config
 from arxiv_ft.objectives import get_objective
 from arxiv_ft.options import TrainConfig
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
 from arxiv_ft.scoring import check_scoring_memory
-from arxiv_ft.sources import SourceError, load_test, to_records
+from arxiv_ft.sources import SourceError, load_test
 from arxiv_ft.sources import load_task as load_papers
 
+# The phases train() calls that live with the modules owning their files (kept here so train() reads as one list).
+__all__ = ["Launch", "start", "resume", "save_checkpoint", "ensure_checkpoint", "save_weights", "probe_base"]
+__all__ += ["probe_tuned", "tfidf_rows", "write_ledger"]
+
 logger = logging.getLogger("arxiv_ft")
-
-# Options that may change between a run and its resumption; any other difference makes a checkpoint unusable.
-RESUMABLE_CHANGES = {
-    "batch_size",  # with grad_accum_steps and the process count: only their product (checked) must stay
-    "grad_accum_steps",
-    "resume",
-    "output_dir",
-    "overwrite_output_dir",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "eval_batch_size",
-    "eval_mode",
-    "expect_processes",
-    "report_to",
-    "run_name",
-    "cpu_threads",
-    "push_to_hub",
-    "merge",
-}
-
-
-# ------------------------------------------------------------------------------------------------------ launch
-
-
-@dataclass
-class Launch:
-    """What the launcher gave this process, checked: the accelerator, the launch kind, device and dtype."""
-
-    accelerator: Accelerator
-    kind: str  # a row of the compatibility matrix: single, ddp, zero2, zero3, zero3-offload, fsdp
-    method: Method
-    dtype: torch.dtype
-    trackers: list[str] = field(default_factory=list)
-    revision: str | None = None  # the package's git commit when the run started (what ran, whatever is committed later)
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def log(self, message: str) -> None:
-        """An INFO line from each machine's main process (every node's log shows its progress)."""
-        if self.accelerator.is_local_main_process:
-            logger.info(message)
-
-
-def launch_kind(accelerator) -> str:
-    """Which row of the compatibility matrix this launch is: single, ddp, zero2, zero3, zero3-offload, fsdp."""
-    dt = accelerator.distributed_type
-    if dt == DistributedType.DEEPSPEED:
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        if int(zero.get("stage", 0)) < 3:
-            return "zero2"
-        offload = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
-        return "zero3-offload" if offload else "zero3"
-    if dt == DistributedType.FSDP or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return "fsdp"
-    return "ddp" if accelerator.num_processes > 1 else "single"
-
-
-def check_launch(accelerator, expect_processes: int) -> None:
-    """Refuse to train something other than what the launch asked for (accelerate can fall back silently)."""
-    dt = accelerator.distributed_type
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and dt != DistributedType.FSDP:
-        raise SystemExit(
-            f"the launch config asks for FSDP but accelerate set up {dt.value} (it never applies FSDP on CPU): "
-            "use accelerate_configs/ddp.yaml or a DeepSpeed config on CPU, FSDP on GPUs"
-        )
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and dt != DistributedType.DEEPSPEED:
-        raise SystemExit(f"the launch config asks for DeepSpeed but accelerate set up {dt.value}")
-    world = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
-    if world != accelerator.num_processes:
-        raise SystemExit(f"WORLD_SIZE={world} but only {accelerator.num_processes} process(es) joined the group")
-    if expect_processes and accelerator.num_processes != expect_processes:
-        raise SystemExit(
-            f"--expect-processes {expect_processes} but {accelerator.num_processes} process(es) run "
-            "(on CPU, `accelerate launch --cpu --num_processes N` starts one: see accelerate_configs/ddp.yaml)"
-        )
-
-
-def start(cfg: TrainConfig) -> Launch:
-    """Set up accelerate, check the launch and the method x launch x device cell, seed; before any data or model."""
-    method = get_method(cfg.method)
-    # gloo on CPU: without it accelerate + DeepSpeed miscount CPU processes (../shared/notes/cpu-stack.md).
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else [],
-        log_with=trackers or None,
-        project_dir=str(Path(cfg.output_dir) / "logs"),
-        # Regional compilation: one graph compiled once and reused by every decoder layer (a shorter cold start).
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if cfg.compile else None,
-    )
-    check_launch(accelerator, cfg.expect_processes)
-    if accelerator.device.type == "cpu":
-        set_cpu_threads(cfg.cpu_threads)
-    dtype = resolve_dtype(cfg.dtype_name, accelerator.device, trains_every_weight=not method.adapter)
-    kind = launch_kind(accelerator)
-    method.check(kind, accelerator.device.type, cfg.bnb_quant_storage, "bf16" if dtype == torch.bfloat16 else "fp32")
-    if trackers:
-        name = cfg.run_name or Path(cfg.output_dir).name
-        accelerator.init_trackers("arxiv-ft", config=to_dict(cfg), init_kwargs={"wandb": {"name": name}})
-    set_seed(cfg.seed)
-    return Launch(accelerator, kind, method, dtype, trackers, git_revision())
 
 
 # -------------------------------------------------------------------------------------------------------- task
@@ -366,18 +245,24 @@ def setup_fit(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable
     return Setup(acc, train_model, optimizer, scheduler, plan, collate, units, cfg.max_grad_norm, cfg.seed)
 
 
-def schedule(cfg: TrainConfig, optimizer, total_steps: int, step: int = 0):
-    """The learning-rate schedule the config asks for, positioned at `step`."""
-    warmup = min(total_steps, math.ceil(cfg.warmup_ratio * total_steps))
-    return lr_schedule(optimizer, cfg.lr_schedule, warmup, total_steps, cfg.min_lr_ratio, step)
+@dataclass(frozen=True)
+class Run:
+    """What every phase after the set-up reads, fixed for the life of the run."""
+
+    cfg: TrainConfig
+    launch: Launch
+    task: Task
+    trainable: Trainable
+    setup: Setup
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 
 
-def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> dict:
+def zero_shot_evaluation(run: Run) -> dict:
     """The base model's scores on the evaluation papers, computed once per base model, papers, prompt and numerics
     and then read from the cache (like the base probes): every run of a comparison shares its zero-shot row."""
+    cfg, launch, task = run.cfg, run.launch, run.task
     papers = hashlib.sha256(json.dumps([r.to_json() for r in task.eval_records]).encode()).hexdigest()
     key = {
         "version": 1,
@@ -388,7 +273,7 @@ def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable
         "mode": cfg.eval_mode,
         "numerics": [str(launch.dtype), launch.device.type, launch.method.quantized],
     }
-    compute = lambda: run_evaluation(cfg, launch, task, trainable, "zero-shot")  # noqa: E731
+    compute = lambda: run_evaluation(run, "zero-shot")  # noqa: E731
     result, cached = cached_json(cache_dir() / "zero-shot", "zero-shot", key, compute, write=launch.is_main)
     if cached:
         score = scored_as(result)
@@ -396,11 +281,10 @@ def zero_shot_evaluation(cfg: TrainConfig, launch: Launch, task: Task, trainable
     return result
 
 
-def run_evaluation(
-    cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable, name: str, test: bool = False
-) -> dict:
+def run_evaluation(run: Run, name: str, test: bool = False) -> dict:
     """Score the validation papers (or with `test`, the test papers) with the model as it is now; log accuracy and
     macro-F1; return the metrics."""
+    cfg, launch, task, trainable = run.cfg, run.launch, run.task, run.trainable
     acc = launch.accelerator
     model = acc.unwrap_model(trainable.model)
     was_training = model.training
@@ -424,233 +308,28 @@ def run_evaluation(
     return result
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def resume(cfg: TrainConfig, launch: Launch, setup: Setup, trainable: Trainable) -> tuple[TrainState, dict | None]:
-    """The newest usable checkpoint's state (model and optimizer restored) and its zero-shot scores, or a fresh
-    state."""
-    for path in ckpt.find_resume(cfg.output_dir, cfg.resume):
-        problem = ckpt.verify(path)
-        if problem:
-            launch.log(f"skipping checkpoint {path}: {problem}")
-            continue
-        saved = ckpt.read_state(path)
-        check_resumable(saved.get("config", {}), to_dict(cfg))
-        global_batch = saved.get("global_batch", setup.plan.step_size)
-        if global_batch != setup.plan.step_size:
-            world = launch.accelerator.num_processes
-            raise SystemExit(
-                f"{path} was trained with {global_batch} examples per optimizer step; this launch makes "
-                f"{setup.plan.step_size} ({cfg.batch_size} per micro-batch x {world} processes x "
-                f"{cfg.grad_accum_steps} accumulation steps): choose --batch-size / --grad-accum-steps so the "
-                "product is the same, and the same global batches follow"
-            )
-        if saved.get("format") == "accelerate" and saved.get("world_size") != launch.accelerator.num_processes:
-            raise SystemExit(
-                f"{path} holds {saved.get('world_size')} DeepSpeed/FSDP shards, this launch has "
-                f"{launch.accelerator.num_processes} processes: resume with the same number (DeepSpeed cannot "
-                "re-shard them), or from a checkpoint of a DDP/single-process run"
-            )
-        load_checkpoint(launch, setup, trainable, path, saved)
-        state = TrainState.from_json(saved["state"])
-        setup.scheduler = schedule(cfg, setup.optimizer, setup.plan.steps, state.step)
-        changed = saved.get("world_size") != launch.accelerator.num_processes
-        launch.log(
-            f"resumed from {path} at step {state.step}/{setup.plan.steps}"
-            + (f" (saved by {saved.get('world_size')} processes; the same global batches follow)" if changed else "")
-        )
-        return state, saved.get("before")
-    return TrainState(), None
-
-
-def check_resumable(saved: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint made with a different training configuration."""
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise SystemExit(
-            f"checkpoint was made with a different config ({details}); use --resume none or a new output dir"
-        )
-
-
-def _uses_accelerate_state(acc) -> bool:
-    return acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-
-
-def _gathered_state_dict(acc, train_model) -> dict | None:
-    """Full weights where they exist only sharded (ZeRO-3, FSDP2): every rank takes part, the main one gets them.
-
-    (FSDP2's parameters are DTensors; `save_pretrained` on them fails, their gathered state dict saves.)"""
-    plugin = acc.state.deepspeed_plugin
-    if (plugin is not None and plugin.zero_stage == 3) or acc.distributed_type == DistributedType.FSDP:
-        full = acc.get_state_dict(train_model)
-        return {k.removeprefix("model."): v for k, v in full.items()} if full is not None else None
-    return None
-
-
-def save_weights(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup | None, folder: Path) -> None:
-    """Write a loadable run folder's weights and task files into `folder` (every process calls this)."""
-    acc = launch.accelerator
-    state_dict = _gathered_state_dict(acc, setup.train_model) if setup is not None else None
-    if acc.is_main_process:
-        run = RunDir(folder)
-        model = acc.unwrap_model(trainable.model)
-        head = trainable.head.state_dict() if trainable.head is not None else None
-        if state_dict is not None and head is not None:
-            head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
-        run.write_weights(launch.method, model, state_dict=state_dict, head_state=head)
-        run.write_task(to_dict(cfg), task.labels, task.prompt, task.source.record())
-        run.write_tokenizer(task.tokenizer)  # every loadable folder carries its own tokenizer and chat template
-        hub_id = task.source.hub_id()
-        run.fix_adapter_base(hub_id)
-        if hub_id and launch.method.adapter:  # so plain peft finds the base by that id offline, here
-            register_in_hub_cache(task.source.path(), hub_id)
-
-
-def save_checkpoint(
-    cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, state: TrainState, before: dict | None
-) -> Path:
-    """A resumable, loadable checkpoint of `state.step` (see arxiv_ft/checkpoints.py)."""
-    acc = launch.accelerator
-    root = ckpt.checkpoint_root(cfg.output_dir)
-    partial, final = root / f"step-{state.step:08d}.partial", root / f"step-{state.step:08d}"
-    if acc.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crash while saving this same step
-        partial.mkdir(parents=True)
-    acc.wait_for_everyone()
-    save_weights(cfg, launch, task, trainable, setup, partial)
-    sharded = _uses_accelerate_state(acc)
-    if sharded:
-        acc.save_state(str(partial / ckpt.ACCELERATE_STATE))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if not sharded:
-            tensors, meta = ckpt.optimizer_tensors(setup.optimizer)
-            save_file(tensors, partial / ckpt.OPTIMIZER_FILE)
-            write_json(partial / ckpt.OPTIMIZER_META, meta)
-        ckpt.write_state(
-            partial,
-            {
-                "format": "accelerate" if sharded else "safetensors",
-                "world_size": acc.num_processes,
-                "global_batch": setup.plan.step_size,
-                "config": to_dict(cfg),
-                "state": state.to_json(),
-                "before": before,
-            },
-        )
-        ckpt.publish(partial, final, state.step)
-        ckpt.rotate(cfg.output_dir, cfg.keep_checkpoints)
-    acc.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(launch: Launch, setup: Setup, trainable: Trainable, path: Path, saved: dict) -> None:
-    """Restore trained weights and optimizer state from a checkpoint (every process)."""
-    acc = launch.accelerator
-    if saved.get("format") == "accelerate":
-        acc.load_state(str(path / ckpt.ACCELERATE_STATE))
-        return
-    model = acc.unwrap_model(trainable.model)
-    if launch.method.adapter:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    else:
-        weights = {}
-        for file in sorted(path.glob("model*.safetensors")):
-            weights.update(load_file(file))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or {})
-        if unexpected or [k for k in missing if k not in tied]:
-            raise SystemExit(
-                f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-    if trainable.head is not None:
-        trainable.head.load_state_dict(load_file(path / "classifier_head.safetensors"))
-    ckpt.load_optimizer(setup.optimizer, load_file(path / ckpt.OPTIMIZER_FILE), read_json(path / ckpt.OPTIMIZER_META))
-
-
-def save_best(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, metrics: dict, step: int) -> None:
-    """Replace best/ with the model as it is now (every process; the swap is atomic on the main one)."""
-    out = Path(cfg.output_dir)
-    partial, best, old = out / "best.partial", out / "best", out / "best.old"
-    if launch.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-    launch.accelerator.wait_for_everyone()
-    save_weights(cfg, launch, task, trainable, setup, partial)
-    if launch.is_main:
-        RunDir(partial).write_metrics({"step": step, "eval": metrics})
-        fsync_tree(partial)
-        shutil.rmtree(old, ignore_errors=True)
-        if best.exists():
-            os.replace(best, old)
-        os.replace(partial, best)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(out)
-    launch.accelerator.wait_for_everyone()
-
-
 # ------------------------------------------------------------------------------------------------------- cost
 
 
-def cost_figures(cfg, launch: Launch, trainable: Trainable, state: TrainState, started: float) -> dict:
-    """Wall and training time, device-hours, money, throughput, MFU, memory and parameter counts."""
-    acc, world = launch.accelerator, launch.accelerator.num_processes
-    wall = time.perf_counter() - started
-    device_hours = wall * world / 3600
-    tokens_per_second = state.tokens_seen / state.train_seconds if state.train_seconds else None
-    flops = launch.method.flops_per_token(trainable.n_total, trainable.n_trainable)
-    # Full fine-tuning keeps fp32 weights and computes in bf16 under mixed precision: the peak is bf16's.
-    compute = torch.bfloat16 if acc.mixed_precision == "bf16" else launch.dtype
-    peak = cfg.peak_tflops * 1e12 or peak_flops(launch.device, compute)
-    mfu = model_flops_utilisation(flops, tokens_per_second / world if tokens_per_second else None, peak)
-
-    return {
-        "wall_seconds": wall,
-        "train_seconds": state.train_seconds,
-        "device_type": torch.cuda.get_device_name(launch.device) if launch.device.type == "cuda" else "cpu",
-        "device_count": world,
-        "device_hours": device_hours,
-        "tokens_seen": state.tokens_seen,
-        "tokens_per_second": tokens_per_second,
-        "flops_per_token": flops,
-        "mfu": mfu,
-        "peak_memory_bytes": peak_memory_bytes(launch.device),  # this process's (every rank holds the same shapes)
-        "trainable_parameters": trainable.n_trainable,
-        "total_parameters": trainable.n_total,
-        "parameter_bytes": parameter_bytes(acc.unwrap_model(trainable.model)),
-        "price_per_device_hour": cfg.price_per_device_hour or None,
-        "cost": device_hours * cfg.price_per_device_hour if cfg.price_per_device_hour else None,
-    }
-
-
-def ensure_checkpoint(cfg, launch, task, trainable, setup, state: TrainState, before) -> None:
-    """A checkpoint of the step reached, unless the newest one already is."""
-    done = ckpt.complete_checkpoints(cfg.output_dir)
-    if not (done and ckpt._step_of(done[-1]) == state.step):
-        save_checkpoint(cfg, launch, task, trainable, setup, state, before)
-
-
-def stop_if_asked(should_stop, cfg, launch, task, trainable, setup, state: TrainState, before) -> None:
+def stop_if_asked(run: Run, should_stop, state: TrainState, before) -> None:
     """Between the phases after training: a stop signal saves (if needed) and stops, instead of being swallowed."""
     if should_stop():
-        ensure_checkpoint(cfg, launch, task, trainable, setup, state, before)
+        ckpt.ensure_checkpoint(run, state, before)
         raise Stopped(state.step)
 
 
-def evaluate_and_keep_best(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, state) -> None:
-    """A periodic evaluation: log it, track it, and keep best/ by macro-F1."""
-    result = run_evaluation(cfg, launch, task, trainable, f"step {state.step}")
+def evaluate_and_keep_best(run: Run, state: TrainState) -> None:
+    """A periodic evaluation: log it, track it (in `state`), and keep best/ by macro-F1."""
+    launch = run.launch
+    result = run_evaluation(run, f"step {state.step}")
     score = scored_as(result)
     entry = {"step": state.step, "accuracy": score["accuracy"], "macro_f1": score["macro_f1"]}
     state.evals.append(entry)
     launch.accelerator.log({"eval/accuracy": entry["accuracy"], "eval/macro_f1": entry["macro_f1"]}, step=state.step)
     if state.best is None or entry["macro_f1"] > state.best["macro_f1"]:
         state.best = entry
-        save_best(cfg, launch, task, trainable, setup, entry, state.step)
-        launch.log(f"best so far (macro-F1 {entry['macro_f1']:.4f}) saved to {Path(cfg.output_dir) / 'best'}")
+        ckpt.save_best(run, entry, state.step)
+        launch.log(f"best so far (macro-F1 {entry['macro_f1']:.4f}) saved to {Path(run.cfg.output_dir) / 'best'}")
 
 
 # ------------------------------------------------------------------------------------------ output folder
@@ -686,92 +365,13 @@ def read_inputs(cfg: TrainConfig) -> dict[str, str]:
     return {option: path for option, path in named.items() if path and Path(path).exists()}
 
 
-# ------------------------------------------------------------------------------------------------ probes
-
-
-def probe_config(cfg: TrainConfig):
-
-    return ProbeConfig(n_windows=cfg.probe_windows, mc_items=cfg.probe_mc_items, kl=cfg.probe_kl)
-
-
-def probe_base(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> dict | None:
-    """The base model's probe results (cached per base model + probe config: probed once, not once per run).
-
-    Probed before training, through the model being trained: LoRA and DoRA adapters start as the identity.
-    """
-    if not cfg.probes:
-        return None
-
-    key = base_probe_key(launch.dtype, launch.device, launch.method)
-    model = launch.accelerator.unwrap_model(trainable.model)
-    return base_probes_cached(
-        task.source, task.tokenizer, lambda: model, probe_config(cfg), cache_dir() / "probes", key
-    )
-
-
-def base_probe_key(dtype, device, method: Method) -> dict:
-    """What besides the base and the probe config changes the base's probe numbers (their cache key's extra part)."""
-    key = {"dtype": str(dtype), "device": device.type, "quantized": method.quantized}
-    if method.quantized:  # the base is probed through the kernel training uses (see prepare_for_kbit)
-        key["kernel"] = "dequantize-matmul"
-    return key
-
-
-def probe_tuned(cfg, launch: Launch, task: Task, trainable: Trainable, base: dict | None) -> dict | None:
-    """The tuned model's probes and the difference from the base."""
-    if not cfg.probes:
-        return None
-
-    model = launch.accelerator.unwrap_model(trainable.model)
-    # KL needs the base's next-token distributions: an adapter switched off is the base; full fine-tuning has
-    # changed every weight, so the base is loaded again (a second copy, for the probe only).
-    reference, probes = None, probe_config(cfg)
-    if cfg.probe_kl and not hasattr(model, "disable_adapter"):
-        if launch.kind in ("zero3", "zero3-offload", "fsdp"):
-            # A second, unsharded copy is what sharding is there to avoid (and loading it would enter ZeRO-3's
-            # partitioning): KL is left out here, and the perplexity and multiple-choice probes still run.
-            launch.log("forgetting: KL(base || tuned) is not measured for full fine-tuning under ZeRO-3/FSDP")
-            probes = replace(probes, kl=False)
-        else:
-            from arxiv_ft.modeling import load_model
-
-            reference = load_model(task.source, launch.dtype, cfg.trust_remote_code).to(launch.device)
-    tuned = run_probes(model, task.tokenizer, probes, base_model=reference)
-    del reference
-    delta = forgetting_delta(base, tuned)
-    launch.log("forgetting: " + describe_forgetting(delta))
-    return {"base": base, "tuned": tuned, "delta": delta}
-
-
-# -------------------------------------------------------------------------------------------- baselines
-
-
-def tfidf_rows(cfg: TrainConfig, launch: Launch, task: Task) -> dict | None:
-    """TF-IDF + linear SVM on the same training papers, tuned (C by cross-validation on them) and untuned, reading
-    the text the LLM's prompt holds and the full abstract: the bar the fine-tune must clear, measured in the run
-    itself, on the validation and the test papers ({"validation": rows, "test": rows})."""
-    if not cfg.tfidf_baseline:
-        return None
-
-    train = to_records(task.train)
-    seen = {r.id: task.builder.visible_text(r) for r in train + task.eval_records + task.test_records}
-    sets = {"validation": task.eval_records} | ({"test": task.test_records} if task.test_records else {})
-    rows = baseline.tfidf_rows(train, sets, task.labels, lambda r: seen[r.id])
-    for name, scored in rows.items():
-        launch.log(
-            f"[{name}] TF-IDF on the same {len(train)} papers: tuned {scored['tuned_llm_text']['accuracy']:.4f} "
-            f"reading the prompt's text, {scored['tuned_full_text']['accuracy']:.4f} the full abstract; untuned "
-            f"{scored['llm_text']['accuracy']:.4f} / {scored['full_text']['accuracy']:.4f}"
-        )
-    return rows
-
-
 # ------------------------------------------------------------------------------------------- the run folder
 
 
-def collect_metrics(cfg, launch, task, trainable, state: TrainState, scored: dict, forgetting, started):
+def collect_metrics(run: Run, state: TrainState, scored: dict, started: float) -> dict:
     """Everything measured, as metrics.json holds it. `scored`: "before", "after" (validation), "test" (the test
-    papers' scores, or None) and "tfidf" ({"validation": rows, "test": rows}, or None)."""
+    papers' scores, or None), "tfidf" ({"validation": rows, "test": rows}, or None) and "forgetting"."""
+    cfg, launch, task = run.cfg, run.launch, run.task
     tokens_seen = state.tokens_seen
     tfidf = scored["tfidf"] or {}
     return {
@@ -784,7 +384,7 @@ def collect_metrics(cfg, launch, task, trainable, state: TrainState, scored: dic
         "test": {"after": scored["test"], "tfidf": tfidf.get("test"), "n": len(task.test_records)}
         if scored["test"] is not None
         else None,
-        "forgetting": forgetting,
+        "forgetting": scored["forgetting"],
         "train": {
             "steps": state.step,
             "epochs": state.step * (setup_step_size(cfg, launch)) / len(task.examples),
@@ -797,7 +397,7 @@ def collect_metrics(cfg, launch, task, trainable, state: TrainState, scored: dic
             "train_seconds": state.train_seconds,
             "tokens_per_second": tokens_seen / state.train_seconds if state.train_seconds else None,
         },
-        "cost": cost_figures(cfg, launch, trainable, state, started),
+        "cost": cost_figures(run, state, started),
     }
 
 
@@ -805,18 +405,18 @@ def setup_step_size(cfg, launch) -> int:
     return cfg.batch_size * cfg.grad_accum_steps * launch.accelerator.num_processes
 
 
-def save_run(cfg, launch: Launch, task: Task, trainable: Trainable, setup: Setup, metrics: dict) -> None:
-    """The run folder: weights, tokenizer, task files, metrics and the model card (every process calls this)."""
+def save_run(run: Run, metrics: dict) -> None:
+    """The run folder: weights, tokenizer, task files, metrics (with the bytes saved) and the model card (every
+    process calls this)."""
+    cfg, launch, task = run.cfg, run.launch, run.task
     out = Path(cfg.output_dir)
     launch.accelerator.wait_for_everyone()
-    save_weights(cfg, launch, task, trainable, setup, out)
+    ckpt.save_weights(run, out)
     if launch.is_main:
-        run = RunDir(out)
-        run.write_tokenizer(task.tokenizer)
+        folder = RunDir(out)
         metrics["cost"]["saved_bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        run.write_metrics(metrics)
-
-        run.write_card(model_card(cfg, task, metrics, run.base_record(), sys_argv(), launch.revision))
+        folder.write_metrics(metrics)
+        folder.write_card(model_card(cfg, task, metrics, folder.base_record(), sys_argv(), launch.revision))
         final, where = (metrics["test"]["after"], "test") if metrics["test"] else (metrics["after"], "validation")
         if "score" in (final or {}):
             launch.log(f"per class, {where} papers:\n" + format_report(final["score"], task.labels))
@@ -828,63 +428,14 @@ def sys_argv() -> str:
     return " ".join(shlex.quote(a) for a in sys.argv)
 
 
-def write_ledger(cfg, launch: Launch, task: Task, metrics: dict) -> None:
-    """The typed record of the run, written last: a folder with ledger.json holds a finished run."""
-    if not launch.is_main:
-        return
-
-    cost = dict(metrics["cost"])
-    for key in ("flops_per_token", "parameter_bytes"):
-        cost.pop(key, None)
-    ledger = Ledger(
-        run_id=Path(cfg.output_dir).name,
-        method=cfg.method,
-        seed=cfg.seed,
-        model=cfg.model,
-        config=to_dict(cfg),
-        data={
-            "train_file": cfg.train_file,
-            "eval_file": cfg.eval_file,
-            "test_file": cfg.test_path or None,
-            "n_test": len(task.test_records),
-            "n_train": len(task.examples),
-            "n_eval": len(task.eval_records),
-            "labels": task.labels,
-        },
-        task={
-            "before": scores(scored_as(metrics["before"])),
-            "after": scores(scored_as(metrics["after"])),
-            **tfidf_scores(metrics["tfidf"]),
-        },
-        test=None
-        if metrics["test"] is None
-        else {"after": scores(scored_as(metrics["test"]["after"])), **tfidf_scores(metrics["test"]["tfidf"])},
-        forgetting=metrics["forgetting"],
-        cost=cost,
-        train={"loss_curve": metrics["train"]["loss_curve"], "steps": metrics["train"]["steps"]},
-        versions=package_versions("torch", "transformers", "accelerate", "peft", "deepspeed", "bitsandbytes"),
-        git_revision=launch.revision,
-        created=now(),
-        run_name=cfg.run_name or Path(cfg.output_dir).name,
-    )
-    ledger.write(Path(cfg.output_dir) / "ledger.json")
-
-
-def tfidf_scores(rows: dict | None) -> dict:
-    """A run's TF-IDF rows as ledger task entries (tfidf = untuned on the prompt's text, as in ledger version 1)."""
-    rows = rows or {}
-    names = {"tfidf": "llm_text", "tfidf_full_text": "full_text"}
-    names |= {"tfidf_tuned": "tuned_llm_text", "tfidf_tuned_full_text": "tuned_full_text"}
-    return {entry: scores(rows.get(row)) for entry, row in names.items()}
-
-
-def run_test(cfg: TrainConfig, launch: Launch, task: Task, trainable: Trainable) -> dict | None:
+def run_test(run: Run) -> dict | None:
     """The final model on the test papers (none without --test-file): scored once, never used for a choice."""
-    return run_evaluation(cfg, launch, task, trainable, "test", test=True) if task.test_records else None
+    return run_evaluation(run, "test", test=True) if run.task.test_records else None
 
 
-def finish(cfg: TrainConfig, launch: Launch, metrics: dict) -> None:
+def finish(run: Run, metrics: dict) -> None:
     """Trackers get the final figures; --merge and --push-to-hub run on the main process."""
+    cfg, launch = run.cfg, run.launch
     out = Path(cfg.output_dir)
     figures = {}
     for when in ("before", "after"):

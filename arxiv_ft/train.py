@@ -43,48 +43,45 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
         lock = ph.claim_output(cfg, launch)
         task = ph.load_task(cfg, launch)
         trainable = ph.build(cfg, launch, task)
-        setup = ph.setup_fit(cfg, launch, task, trainable)
-        state, before = ph.resume(cfg, launch, setup, trainable)
-        probes_base = ph.probe_base(cfg, launch, task, trainable)
+        run = ph.Run(cfg, launch, task, trainable, ph.setup_fit(cfg, launch, task, trainable))
+        state, before = ph.resume(run)
+        probes_base = ph.probe_base(run)
         if before is None and cfg.eval_before:
-            before = ph.zero_shot_evaluation(cfg, launch, task, trainable)
+            before = ph.zero_shot_evaluation(run)
         tfidf = ph.tfidf_rows(cfg, launch, task)
-
-        def checkpoint(state):
-            ph.save_checkpoint(cfg, launch, task, trainable, setup, state, before)
 
         def stop_requested() -> bool:
             return stopper.should_stop(launch.accelerator)
 
         def stop_if_asked() -> None:  # after training too: a stop signal is honoured, never swallowed
-            ph.stop_if_asked(stop_requested, cfg, launch, task, trainable, setup, state, before)
+            ph.stop_if_asked(run, stop_requested, state, before)
 
         state = fit(
-            setup,
+            run.setup,
             state,
             log=launch.log,
             log_every=cfg.log_every_steps,
-            checkpoint_every=every_steps(cfg.checkpoint_every_steps, setup.plan.steps),
-            checkpoint=checkpoint,
-            eval_every=every_steps(cfg.eval_every_steps, setup.plan.steps),
-            evaluate=lambda state: ph.evaluate_and_keep_best(cfg, launch, task, trainable, setup, state),
+            checkpoint_every=every_steps(cfg.checkpoint_every_steps, run.setup.plan.steps),
+            checkpoint=lambda state: ph.save_checkpoint(run, state, before),
+            eval_every=every_steps(cfg.eval_every_steps, run.setup.plan.steps),
+            evaluate=lambda state: ph.evaluate_and_keep_best(run, state),
             should_stop=stop_requested,
             track=launch.accelerator.log,
         )
         if cfg.checkpoint_every_steps:  # so a crash in what follows loses no training
-            ph.ensure_checkpoint(cfg, launch, task, trainable, setup, state, before)
+            ph.ensure_checkpoint(run, state, before)
         stop_if_asked()
-        after = ph.run_evaluation(cfg, launch, task, trainable, "fine-tuned")
+        after = ph.run_evaluation(run, "fine-tuned")
         stop_if_asked()
-        test = ph.run_test(cfg, launch, task, trainable)
+        test = ph.run_test(run)
         stop_if_asked()
-        forgetting = ph.probe_tuned(cfg, launch, task, trainable, probes_base)
+        forgetting = ph.probe_tuned(run, probes_base)
         stop_if_asked()
-        scored = {"before": before, "after": after, "test": test, "tfidf": tfidf}
-        metrics = ph.collect_metrics(cfg, launch, task, trainable, state, scored, forgetting, started)
-        ph.save_run(cfg, launch, task, trainable, setup, metrics)
-        ph.write_ledger(cfg, launch, task, metrics)
-        ph.finish(cfg, launch, metrics)
+        scored = {"before": before, "after": after, "test": test, "tfidf": tfidf, "forgetting": forgetting}
+        metrics = ph.collect_metrics(run, state, scored, started)
+        ph.save_run(run, metrics)
+        ph.write_ledger(run, metrics)
+        ph.finish(run, metrics)
         return metrics
     except Stopped as stop:
         if launch is not None:

@@ -230,7 +230,7 @@ def save_trained(cfg, launch, task, trainable, setup, batch: dict, save_dir: str
 
     folder = Path(save_dir)
     loss_trained = mean_loss(setup.train_model, batch, launch.accelerator)
-    phases.save_weights(cfg, launch, task, trainable, setup, folder)
+    phases.save_weights(phases.Run(cfg, launch, task, trainable, setup), folder)
     if launch.is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in batch.items()}, folder / BATCH_FILE)
     launch.accelerator.wait_for_everyone()

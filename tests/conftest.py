@@ -128,9 +128,9 @@ def capture_trained_model(monkeypatch) -> dict:
     captured = {}
     original = phases.save_run
 
-    def capture(cfg, launch, task, trainable, *args):
-        captured["model"] = launch.accelerator.unwrap_model(trainable.model)
-        return original(cfg, launch, task, trainable, *args)
+    def capture(run, metrics):
+        captured["model"] = run.launch.accelerator.unwrap_model(run.trainable.model)
+        return original(run, metrics)
 
     monkeypatch.setattr(phases, "save_run", capture)
     return captured

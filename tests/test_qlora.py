@@ -35,11 +35,11 @@ def qlora_run(tiny_model_dir, tmp_path_factory):
     captured = {}
     original = phases.save_run
 
-    def capture(cfg, launch, task, trainable, *args):
-        model = launch.accelerator.unwrap_model(trainable.model)
+    def capture(run, metrics):
+        model = run.launch.accelerator.unwrap_model(run.trainable.model)
         captured["model"] = model
         captured["packed"] = {n: dequantized(m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-        return original(cfg, launch, task, trainable, *args)
+        return original(run, metrics)
 
     out = tmp_path_factory.mktemp("qlora")
     phases.save_run = capture

@@ -215,7 +215,7 @@ def test_the_zero_shot_evaluation_is_computed_once_per_base_model_papers_and_pro
     monkeypatch.setenv("ARXIV_FT_CACHE", str(tmp_path / "cache"))
     calls = []
     original = phases.run_evaluation
-    monkeypatch.setattr(phases, "run_evaluation", lambda *a, **k: calls.append(a[4]) or original(*a, **k))
+    monkeypatch.setattr(phases, "run_evaluation", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
     common = ["--model", tiny_model_dir, "--max-steps", "1", *FAST, "--probes", "false"]
     first = run([*common, "--output-dir", str(tmp_path / "a")])
     second = run([*common, "--output-dir", str(tmp_path / "b"), "--seed", "1"])

@@ -174,6 +174,36 @@ def llm_text(run_dir: str | Path) -> Callable[[rec.Record], str]:
     return builder.visible_text
 
 
+def _describe(cfg: BaselineConfig, metrics: dict) -> str:
+    """The ledger's model name: the features, the classifier, how C was chosen, the text read."""
+    return (
+        f"tfidf(word 1-{cfg.ngram_max}{' + char_wb 2-5' if cfg.features == 'word+char' else ''})"
+        + f"+{'LinearSVC' if cfg.classifier == 'svm' else 'LogisticRegression'}"
+        + (f" C={metrics['c']:g} by {CV_FOLDS}-fold CV" if not cfg.c else f" C={cfg.c:g}")
+        + (" reading the LLM's text" if cfg.text == "llm" else "")
+    )
+
+
+def _cost(wall_seconds: float, metrics: dict) -> dict:
+    """Wall time is real; device-hours, throughput and MFU describe accelerator runs and stay empty here."""
+    return {
+        "wall_seconds": wall_seconds,
+        "train_seconds": metrics["fit_seconds"],
+        "device_type": "cpu",
+        "device_count": 1,
+        "device_hours": None,
+        "tokens_seen": None,
+        "tokens_per_second": None,
+        "mfu": None,
+        "peak_memory_bytes": None,
+        "trainable_parameters": metrics["n_weights"],
+        "total_parameters": metrics["n_weights"],
+        "saved_bytes": None,
+        "price_per_device_hour": None,
+        "cost": None,
+    }
+
+
 def run(cfg: BaselineConfig):
     """Train and evaluate; returns (ledger, full metrics)."""
     from arxiv_ft.config import to_dict
@@ -202,10 +232,7 @@ def run(cfg: BaselineConfig):
         f"-n{len(train)}-s{cfg.seed}",
         method=method,
         seed=cfg.seed,
-        model=f"tfidf(word 1-{cfg.ngram_max}{' + char_wb 2-5' if cfg.features == 'word+char' else ''})"
-        + f"+{'LinearSVC' if cfg.classifier == 'svm' else 'LogisticRegression'}"
-        + (f" C={metrics['c']:g} by {CV_FOLDS}-fold CV" if not cfg.c else f" C={cfg.c:g}")
-        + (" reading the LLM's text" if cfg.text == "llm" else ""),
+        model=_describe(cfg, metrics),
         config=to_dict(cfg),
         data={
             "train_file": cfg.train_file,
@@ -216,23 +243,7 @@ def run(cfg: BaselineConfig):
         },
         task={"before": None, "after": scores(metrics)},
         forgetting=None,
-        # Wall time is real; device-hours, throughput and MFU describe accelerator runs and stay empty here.
-        cost={
-            "wall_seconds": time.perf_counter() - started,
-            "train_seconds": metrics["fit_seconds"],
-            "device_type": "cpu",
-            "device_count": 1,
-            "device_hours": None,
-            "tokens_seen": None,
-            "tokens_per_second": None,
-            "mfu": None,
-            "peak_memory_bytes": None,
-            "trainable_parameters": metrics["n_weights"],
-            "total_parameters": metrics["n_weights"],
-            "saved_bytes": None,
-            "price_per_device_hour": None,
-            "cost": None,
-        },
+        cost=_cost(time.perf_counter() - started, metrics),
         train={"loss_curve": [], "steps": 0},
         versions=package_versions("scikit-learn", "numpy"),
         git_revision=git_revision(),

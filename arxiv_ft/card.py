@@ -128,28 +128,30 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str, revision: str
     """The README.md text of a run folder (YAML metadata with the Hub's model-index, + markdown)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from arxiv_ft.forgetting import describe_forgetting
-
     hub_id = base.get("hub_id")
-    shipped = Path(cfg.train_file).resolve().is_relative_to(ROOT / "arxiv_ft" / "assets")
     data = ModelCardData(
         base_model=hub_id,
         library_name="peft" if cfg.method != "full" else "transformers",
         pipeline_tag="text-generation",
         tags=["arxiv-ft", "arxiv", "text-classification", cfg.method],
         license=_license(hub_id),
-        datasets=[ARXIV_DATASET] if shipped else None,
+        datasets=[ARXIV_DATASET] if _shipped(cfg) else None,
         model_name=f"arxiv-ft {cfg.method} {hub_id or base.get('name')}",
         eval_results=_eval_results(metrics, len(task.test_records), len(task.eval_records)) or None,
     )
-    delta = (metrics.get("forgetting") or {}).get("delta")
-    cost = metrics["cost"]
-    forgetting = describe_forgetting(delta) + " (95% intervals)" if delta else "not measured (--probes false)"
-    device = f"{cost['device_count']} × {cost['device_type']}"
-    where = "shipped with arxiv-ft, cut from the arXiv metadata" if shipped else "the user's"
+    lines = [*_use_section(cfg, task, hub_id or base.get("name")), *_task_section(cfg, task, metrics)]
+    lines += [*_results_section(task, metrics), *_provenance_section(base, command, revision)]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _shipped(cfg) -> bool:
+    return Path(cfg.train_file).resolve().is_relative_to(ROOT / "arxiv_ft" / "assets")
+
+
+def _use_section(cfg, task, model_name: str) -> list[str]:
     peft = ", or plain peft: `AutoPeftModelForCausalLM.from_pretrained(THIS_FOLDER)`." if cfg.method != "full" else "."
-    lines = [
-        f"# arXiv primary-category classifier ({cfg.method} on {hub_id or base.get('name')})",
+    return [
+        f"# arXiv primary-category classifier ({cfg.method} on {model_name})",
         "",
         "Fine-tuned with arxiv-ft to name an arXiv paper's primary category among "
         f"{len(task.labels)} labels from its title and abstract. It answers with the category id followed by the "
@@ -165,6 +167,13 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str, revision: str
         "",
         "or `python infer.py --model-dir THIS_FOLDER --input papers.jsonl --output preds.jsonl`" + peft,
         "",
+    ]
+
+
+def _task_section(cfg, task, metrics: dict) -> list[str]:
+    where = "shipped with arxiv-ft, cut from the arXiv metadata" if _shipped(cfg) else "the user's"
+    test = f"; test: {len(task.test_records)} papers from `{portable(cfg.test_path)}`" if task.test_records else ""
+    return [
         "## Task",
         "",
         f"- labels: {', '.join(task.labels)}",
@@ -172,21 +181,36 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str, revision: str
         f"({'the paper alone' if task.prompt.token_budget == 'paper' else 'in all'}); chat variables pinned: "
         f"{task.prompt.chat_kwargs or 'none'}",
         f"- training data: {len(task.examples)} papers from `{portable(cfg.train_file)}` ({where}); validation: "
-        f"{len(task.eval_records)} papers from `{portable(cfg.eval_file)}`"
-        + (f"; test: {len(task.test_records)} papers from `{portable(cfg.test_path)}`" if task.test_records else ""),
+        f"{len(task.eval_records)} papers from `{portable(cfg.eval_file)}`{test}",
         f"- objective: {cfg.objective}; {cfg.epochs:g} epoch(s), {metrics['train']['steps']} steps, batch "
         f"{cfg.batch_size}×{cfg.grad_accum_steps}, lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed}",
         "",
+    ]
+
+
+def _results_section(task, metrics: dict) -> list[str]:
+    from arxiv_ft.forgetting import describe_forgetting
+
+    delta = (metrics.get("forgetting") or {}).get("delta")
+    cost = metrics["cost"]
+    forgetting = describe_forgetting(delta) + " (95% intervals)" if delta else "not measured (--probes false)"
+    return [
         "## Results",
         "",
         *results_table(metrics, len(task.test_records), len(task.eval_records)),
         "",
         f"Forgetting: {forgetting}.",
         "",
-        f"Cost: {cost['wall_seconds'] / 60:.1f} min wall on {device} ({cost['train_seconds'] / 60:.1f} min "
-        f"training), {cost['trainable_parameters']:,} trainable of {cost['total_parameters']:,} parameters, peak "
-        f"memory {cost['peak_memory_bytes'] / 2**30:.2f} GiB.",
+        f"Cost: {cost['wall_seconds'] / 60:.1f} min wall on {cost['device_count']} × {cost['device_type']} "
+        f"({cost['train_seconds'] / 60:.1f} min training), {cost['trainable_parameters']:,} trainable of "
+        f"{cost['total_parameters']:,} parameters, peak memory {cost['peak_memory_bytes'] / 2**30:.2f} GiB.",
         "",
+    ]
+
+
+def _provenance_section(base: dict, command: str, revision: str | None) -> list[str]:
+    hub_id = base.get("hub_id")
+    return [
         "## Base model",
         "",
         f"`{portable(base.get('name') or '')}` (Hub id `{hub_id}`, revision `{base.get('revision')}`, weights "
@@ -206,7 +230,6 @@ def model_card(cfg, task, metrics: dict, base: dict, command: str, revision: str
         "`ledger.json`.",
         "",
     ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def merged_card(run_dir: Path, dtype: str) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import signal
 import threading
 from collections.abc import Sequence
@@ -332,41 +333,11 @@ def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=N
     shared prefix).
     """
     import contextlib
-    import hashlib
-    import json
 
-    tokenizer = builder.tokenizer
-    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    key = {
-        "version": TOKENIZE_VERSION,
-        "rows": ds._fingerprint,
-        "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), vocab],
-        "chat_template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
-        "builder": [builder.template.id, builder.labels, builder.max_seq_tokens, builder.budget, builder.system_role],
-        "chat_kwargs": builder.chat_kwargs,
-    }
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    fingerprint = _cache_key(builder, ds)
     cache_file = Path(cache_dir) / f"tokenized-{fingerprint}.arrow"
     cache_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    prefix = builder.shared_prefix_ids()
-
-    def tokenize(batch):
-        out = {k: [] for k in ("id", "label", "prompt_ids", "target_ids", "label_index", "n_tokens", "dropped")}
-        out |= {"truncated": [], "has_prefix": []}
-        for rid, title, abstract, primary in zip(batch["id"], batch["title"], batch["abstract"], batch["primary"]):
-            stats = TokenizeStats()
-            example = builder.example(Record(rid, title, abstract, (primary,)), stats)
-            out["id"].append(rid)
-            out["label"].append(primary)
-            out["prompt_ids"].append(example.prompt_ids if example else [])
-            out["target_ids"].append(example.target_ids if example else [])
-            out["label_index"].append(example.label_index if example else -1)
-            out["n_tokens"].append(len(example.input_ids) if example else 0)
-            out["dropped"].append(next(iter(stats.dropped), ""))
-            out["truncated"].append(bool(stats.truncated))
-            out["has_prefix"].append(bool(example) and example.prompt_ids[: len(prefix)] == prefix)
-        return out
-
+    tokenize = _tokenize_batch(builder)
     first = main_process_first() if main_process_first is not None else contextlib.nullcontext()
     with first:
         trusted = _verified_cache(cache_file)
@@ -393,6 +364,50 @@ def tokenize_dataset(builder: PromptBuilder, ds, cache_dir, main_process_first=N
     kept_ds = tokenized.select(kept) if len(kept) < len(tokenized) else tokenized
     has_prefix = bool(all(kept_ds["has_prefix"])) if len(kept_ds) else True
     return TokenizedExamples(kept_ds), stats, has_prefix
+
+
+def _cache_key(builder: PromptBuilder, ds) -> str:
+    """What decides a tokenised dataset's content: the rows, the tokenizer, the chat template, the prompt spec and
+    labels, this code's version."""
+    from arxiv_ft.fileio import json_digest
+
+    tokenizer = builder.tokenizer
+    key = {
+        "version": TOKENIZE_VERSION,
+        "rows": ds._fingerprint,
+        "tokenizer": [
+            *(type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)),
+            json_digest(sorted(tokenizer.get_vocab().items())),
+        ],
+        "chat_template": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
+        "builder": [builder.template.id, builder.labels, builder.max_seq_tokens, builder.budget, builder.system_role],
+        "chat_kwargs": builder.chat_kwargs,
+    }
+    return json_digest(key)[:32]
+
+
+def _tokenize_batch(builder: PromptBuilder):
+    """The `datasets.map` function: a batch of normalised rows -> examples' columns (a dropped row keeps its reason)."""
+    prefix = builder.shared_prefix_ids()
+
+    def tokenize(batch):
+        out = {k: [] for k in ("id", "label", "prompt_ids", "target_ids", "label_index", "n_tokens", "dropped")}
+        out |= {"truncated": [], "has_prefix": []}
+        for rid, title, abstract, primary in zip(batch["id"], batch["title"], batch["abstract"], batch["primary"]):
+            stats = TokenizeStats()
+            example = builder.example(Record(rid, title, abstract, (primary,)), stats)
+            out["id"].append(rid)
+            out["label"].append(primary)
+            out["prompt_ids"].append(example.prompt_ids if example else [])
+            out["target_ids"].append(example.target_ids if example else [])
+            out["label_index"].append(example.label_index if example else -1)
+            out["n_tokens"].append(len(example.input_ids) if example else 0)
+            out["dropped"].append(next(iter(stats.dropped), ""))
+            out["truncated"].append(bool(stats.truncated))
+            out["has_prefix"].append(bool(example) and example.prompt_ids[: len(prefix)] == prefix)
+        return out
+
+    return tokenize
 
 
 def _decision_positions(targets: list[list[int]]) -> list[list[bool]]:

@@ -61,7 +61,7 @@ def read_json(path: str | Path):
 
 def json_digest(obj) -> str:
     """SHA-256 of `obj` as canonical JSON (sorted keys): the key of a cache entry or a recorded configuration."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def cached_json(folder: str | Path, name: str, key, compute, write: bool = True) -> tuple[object, bool]:

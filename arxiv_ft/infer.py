@@ -72,7 +72,6 @@ def classify_all(cfg: InferConfig, state, output, spec: dict, paths, run: dict, 
     """Check and record the run, classify this process's share, and (process 0) merge and write the summary."""
     from accelerate.utils import gather_object
 
-    rank, world = state.process_index, state.num_processes
     output.check_run(run)  # every process checks, so all of them stop alike
     if state.is_main_process:
         output.write_run(run)
@@ -80,19 +79,28 @@ def classify_all(cfg: InferConfig, state, output, spec: dict, paths, run: dict, 
             fetch_to_file(cfg, paths[0])  # once: every process and every restart then sees the same papers
     state.wait_for_everyone()
     done = output.done()
-    n_done_before = len(done)
     state.wait_for_everyone()  # nobody truncates or appends until everybody has read the parts
-
     load_started = time.perf_counter()
     classifier = load_classifier(cfg, spec, state.device, dtype)
     load_seconds = time.perf_counter() - load_started
+    counts, n_items = classify_share(cfg, state, output, classifier, paths, done)
+    ranks = gather_object([{"rank": state.process_index, **counts}])
+    if state.is_main_process:
+        this_run = {"already_done_at_start": len(done), "load_seconds": load_seconds}
+        write_summary(cfg, output, spec, n_items, ranks, this_run)
+    state.wait_for_everyone()
 
+
+def classify_share(cfg: InferConfig, state, output, classifier, paths, done: set) -> tuple[dict, int]:
+    """Classify this process's share (item index mod world size) of what is not done yet, a window of batches at a
+    time; returns its counts (predicted, rejected, seconds, peak RSS) and the number of input items."""
+    from tqdm.auto import tqdm
+
+    rank, world = state.process_index, state.num_processes
     started = time.perf_counter()
     total = _count_lines(paths[0]) if not cfg.input else None  # a fetched list has a known length; a stream not
     mine_total = None if total is None else len([i for i in range(rank, total, world) if i not in done])
     counts, n_items = {"predicted": 0, "rejected": 0}, 0
-    from tqdm.auto import tqdm
-
     progress = tqdm(total=mine_total, unit="paper", desc="infer", disable=not (cfg.progress and state.is_main_process))
     output.open()
     try:
@@ -110,43 +118,44 @@ def classify_all(cfg: InferConfig, state, output, spec: dict, paths, run: dict, 
     finally:
         output.close()
         progress.close()
-    seconds = time.perf_counter() - started
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    ranks = gather_object([{"rank": rank, "seconds": seconds, "peak_rss_bytes": peak_rss, **counts}])
+    counts["seconds"] = time.perf_counter() - started
+    counts["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return counts, n_items
 
-    if state.is_main_process:
-        merged = output.merge(spec["labels"], n_items)
-        n_rejected = merged["n_rejected"]
-        wall = max(r["seconds"] for r in ranks)
-        predicted = sum(r["predicted"] for r in ranks)
-        summary = {
-            "output": str(output.out),
-            "rejects": str(output.side("rejects.jsonl")),
-            "n_items": n_items,
-            **merged,
-            "reject_fraction": n_rejected / n_items if n_items else 0.0,
-            "max_reject_fraction": cfg.max_reject_fraction,
-            "over_reject_limit": n_items > 0 and n_rejected / n_items > cfg.max_reject_fraction,
-            "this_run": {
-                "world_size": world,
-                "already_done_at_start": n_done_before,
-                "processed": sum(r["predicted"] + r["rejected"] for r in ranks),
-                "load_seconds": load_seconds,
-                "seconds": wall,  # the slowest process, from its first read to its last write
-                "papers_per_second": predicted / wall if wall > 0 else None,
-                "peak_rss_bytes": max(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *(r["peak_rss_bytes"] for r in ranks)
-                ),  # one process, merge included
-                "per_process": ranks,
-            },
-        }
-        output.write_summary(summary)
-        m = summary["metrics"]
-        logger.info(
-            f"{summary['n_predicted']} predicted, {n_rejected} rejected of {n_items} -> {output.out}"
-            + (f"; accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})" if m else "")
-        )
-    state.wait_for_everyone()
+
+def write_summary(cfg: InferConfig, output, spec: dict, n_items: int, ranks: list[dict], this_run: dict) -> None:
+    """Process 0: merge the part files and write `OUT.summary.json` (counts, rejects, metrics, throughput)."""
+    merged = output.merge(spec["labels"], n_items)
+    n_rejected = merged["n_rejected"]
+    wall = max(r["seconds"] for r in ranks)
+    predicted = sum(r["predicted"] for r in ranks)
+    summary = {
+        "output": str(output.out),
+        "rejects": str(output.side("rejects.jsonl")),
+        "n_items": n_items,
+        **merged,
+        "reject_fraction": n_rejected / n_items if n_items else 0.0,
+        "max_reject_fraction": cfg.max_reject_fraction,
+        "over_reject_limit": n_items > 0 and n_rejected / n_items > cfg.max_reject_fraction,
+        "this_run": {
+            "world_size": len(ranks),
+            "already_done_at_start": this_run["already_done_at_start"],
+            "processed": sum(r["predicted"] + r["rejected"] for r in ranks),
+            "load_seconds": this_run["load_seconds"],
+            "seconds": wall,  # the slowest process, from its first read to its last write
+            "papers_per_second": predicted / wall if wall > 0 else None,
+            "peak_rss_bytes": max(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *(r["peak_rss_bytes"] for r in ranks)
+            ),  # one process, merge included
+            "per_process": ranks,
+        },
+    }
+    output.write_summary(summary)
+    m = summary["metrics"]
+    logger.info(
+        f"{summary['n_predicted']} predicted, {n_rejected} rejected of {n_items} -> {output.out}"
+        + (f"; accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})" if m else "")
+    )
 
 
 def resolve_task(cfg: InferConfig) -> dict:

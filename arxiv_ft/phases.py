@@ -12,8 +12,6 @@ the modules that own it: the launch (launch.py), checkpoints and best/ (checkpoi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shlex
 import sys
@@ -31,8 +29,8 @@ from arxiv_ft.card import model_card, push_run, upload_failed
 from arxiv_ft.checkpoints import ensure_checkpoint, resume, save_checkpoint, save_weights
 from arxiv_ft.classifier import Classifier, evaluate
 from arxiv_ft.data import BatchPlan, ChatTemplateError, PromptBuilder, tokenize_dataset
-from arxiv_ft.fileio import FolderLock, cached_json
-from arxiv_ft.fit import Setup, Stopped, TrainState, schedule
+from arxiv_ft.fileio import FolderLock, cached_json, json_digest
+from arxiv_ft.fit import Setup, Stopped, TrainState, fit, schedule
 from arxiv_ft.forgetting import probe_base, probe_tuned
 from arxiv_ft.launch import Launch, start
 from arxiv_ft.ledger import scored_as
@@ -41,7 +39,7 @@ from arxiv_ft.merge import merge_run
 from arxiv_ft.metrics import cost_figures, format_report
 from arxiv_ft.modeling import ModelSource, cache_dir, count_parameters, estimate_memory, load_tokenizer, model_config
 from arxiv_ft.objectives import get_objective
-from arxiv_ft.options import TrainConfig
+from arxiv_ft.options import TrainConfig, every_steps
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
 from arxiv_ft.scoring import check_scoring_memory
@@ -263,7 +261,7 @@ def zero_shot_evaluation(run: Run) -> dict:
     """The base model's scores on the evaluation papers, computed once per base model, papers, prompt and numerics
     and then read from the cache (like the base probes): every run of a comparison shares its zero-shot row."""
     cfg, launch, task = run.cfg, run.launch, run.task
-    papers = hashlib.sha256(json.dumps([r.to_json() for r in task.eval_records]).encode()).hexdigest()
+    papers = json_digest([r.to_json() for r in task.eval_records])
     key = {
         "version": 1,
         "base": {k: task.source.record()[k] for k in ("name", "hub_id", "revision", "fingerprint")},
@@ -309,6 +307,24 @@ def run_evaluation(run: Run, name: str, test: bool = False) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- cost
+
+
+def fit_run(run: Run, state: TrainState, before: dict | None, should_stop) -> TrainState:
+    """Train from `state` to the plan's end: checkpoints, periodic evaluations with best/, and stop signals as the
+    config asks (fit.fit does the steps)."""
+    cfg, steps = run.cfg, run.setup.plan.steps
+    return fit(
+        run.setup,
+        state,
+        log=run.launch.log,
+        log_every=cfg.log_every_steps,
+        checkpoint_every=every_steps(cfg.checkpoint_every_steps, steps),
+        checkpoint=lambda state: save_checkpoint(run, state, before),
+        eval_every=every_steps(cfg.eval_every_steps, steps),
+        evaluate=lambda state: evaluate_and_keep_best(run, state),
+        should_stop=should_stop,
+        track=run.launch.accelerator.log,
+    )
 
 
 def stop_if_asked(run: Run, should_stop, state: TrainState, before) -> None:

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from arxiv_ft import frontier
+from arxiv_ft.fileio import json_digest
 from arxiv_ft.ledger import LEDGER_VERSION, Ledger, LedgerError, known_methods
 from arxiv_ft.options import ReportConfig
 
@@ -93,7 +94,7 @@ def group_key(ledger: dict) -> str:
     """Runs that differ only in seed share a key: method, model, data sizes and the rest of the config."""
     config = {k: v for k, v in ledger["config"].items() if k not in _PER_RUN_KEYS}
     ident = [ledger["method"], ledger["model"], ledger["data"]["n_train"], ledger["data"]["n_eval"], config]
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return json_digest(ident)[:8]
 
 
 def scored_section(ledger: dict, split: str) -> dict:
@@ -576,6 +577,25 @@ def scores_line(rows: list[dict], split: str) -> str:
     return line
 
 
+def significance_section(comparisons: list[dict] | None) -> list[str]:
+    """The report's significance table with how to read it (empty without comparisons)."""
+    if not comparisons:
+        return []
+    return [
+        "## Are the differences real? (hierarchical bootstrap over seeds and papers, Holm-corrected)",
+        "",
+        significance_table(comparisons),
+        "",
+        "Each resample draws each side's seeds with replacement, then the shared evaluation papers with "
+        "replacement (paired), and recomputes the difference of mean accuracies: the interval counts both "
+        "sources of variance. p-values are two-sided bootstrap p-values; *p (Holm)* corrects them for the "
+        f"{len(comparisons)} comparisons of this report. A side is called better only with at least two seeds "
+        "on each side and a Holm-adjusted p below 0.05; otherwise the verdict gives the smallest difference "
+        "this design would detect (80% power at the Bonferroni level 0.05 / comparisons).",
+        "",
+    ]
+
+
 def render_markdown(
     rows: list[dict],
     groups: list[dict],
@@ -587,21 +607,7 @@ def render_markdown(
     frontier_part: list[str] | None = None,
 ) -> str:
     """The whole report.md text."""
-    significance = []
-    if comparisons:
-        significance = [
-            "## Are the differences real? (hierarchical bootstrap over seeds and papers, Holm-corrected)",
-            "",
-            significance_table(comparisons),
-            "",
-            "Each resample draws each side's seeds with replacement, then the shared evaluation papers with "
-            "replacement (paired), and recomputes the difference of mean accuracies: the interval counts both "
-            "sources of variance. p-values are two-sided bootstrap p-values; *p (Holm)* corrects them for the "
-            f"{len(comparisons)} comparisons of this report. A side is called better only with at least two seeds "
-            "on each side and a Holm-adjusted p below 0.05; otherwise the verdict gives the smallest difference "
-            "this design would detect (80% power at the Bonferroni level 0.05 / comparisons).",
-            "",
-        ]
+    significance = significance_section(comparisons)
     split_line = scores_line(rows, split)
     forgetting = forgetting_table(rows)
     forgetting_part = []
@@ -769,6 +775,45 @@ def _json_safe(obj):
     return obj
 
 
+def read_ledgers(paths: list[str | Path], skip_invalid: bool) -> tuple[list[dict], list[dict], list[str]]:
+    """(ledgers, their sources with any note, the problems of those skipped); an invalid ledger raises unless
+    `skip_invalid`, and no valid one at all raises."""
+    ledgers, sources, skipped = [], [], []
+    for path in find_ledgers(paths):
+        try:
+            ledger = Ledger.read(path).to_json()
+            ledgers.append(ledger)
+            # A ledger's free-text note (a fixture says it is fabricated) travels into the report.
+            sources.append({"path": str(path), "note": ledger.get("_note")})
+        except LedgerError as exc:
+            if not skip_invalid:
+                raise
+            skipped.append(str(exc))
+    if not ledgers:
+        raise LedgerError(f"no valid ledger among {', '.join(map(str, paths))}")
+    return ledgers, sources, skipped
+
+
+def frontier_section(pts: list[dict], out: Path, plots: list[str]) -> list[str]:
+    """The frontier plot (appended to `plots`) and the matched-accuracy table with its verdicts, where there are two
+    or more frontier points."""
+    if len(pts) < 2:
+        return []
+    plots.append(frontier.plot(pts, out / "frontier.png"))
+    table, verdicts = frontier.matched_table(pts, frontier.targets(pts))
+    return [
+        "## Frontier: accuracy against forgetting (learning rates and WiSE-FT α; `frontier.png`)",
+        "",
+        "Forgetting and cost at matched accuracy, read along each method's own Pareto front (linear between its "
+        "two points around the accuracy; intervals interpolated alike; device-seconds of the training run):",
+        "",
+        table,
+        "",
+        *[f"- {v}" for v in verdicts],
+        "",
+    ]
+
+
 def build_report(
     paths: list[str | Path],
     out_dir: str | Path,
@@ -786,19 +831,7 @@ def build_report(
     matplotlib.use("Agg")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ledgers, sources, skipped = [], [], []
-    for path in find_ledgers(paths):
-        try:
-            ledger = Ledger.read(path).to_json()
-            ledgers.append(ledger)
-            # A ledger's free-text note (a fixture says it is fabricated) travels into the report.
-            sources.append({"path": str(path), "note": ledger.get("_note")})
-        except LedgerError as exc:
-            if not skip_invalid:
-                raise
-            skipped.append(str(exc))
-    if not ledgers:
-        raise LedgerError(f"no valid ledger among {', '.join(map(str, paths))}")
+    ledgers, sources, skipped = read_ledgers(paths, skip_invalid)
     order = method_order()
     split = choose_split(ledgers, split)
     made = [run_row(d, price_per_device_hour, split) for d in ledgers]
@@ -815,21 +848,7 @@ def build_report(
         plots.append(plot_loss_curves(rows, out / "loss_curves.png"))
         bar.update()
     pts = frontier.points(rows)
-    frontier_part = []
-    if len({p["method"] for p in pts}) >= 1 and len(pts) >= 2:
-        plots.append(frontier.plot(pts, out / "frontier.png"))
-        table, verdicts = frontier.matched_table(pts, frontier.targets(pts))
-        frontier_part = [
-            "## Frontier: accuracy against forgetting (learning rates and WiSE-FT α; `frontier.png`)",
-            "",
-            "Forgetting and cost at matched accuracy, read along each method's own Pareto front (linear between its "
-            "two points around the accuracy; intervals interpolated alike; device-seconds of the training run):",
-            "",
-            table,
-            "",
-            *[f"- {v}" for v in verdicts],
-            "",
-        ]
+    frontier_part = frontier_section(pts, out, plots)
     markdown = render_markdown(rows, groups, currency, plots, sources, comparisons, split, frontier_part)
     (out / "report.md").write_text(markdown, encoding="utf-8")
     summary = {

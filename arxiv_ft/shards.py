@@ -100,6 +100,22 @@ class ShardedOutput:
             self._fh.close()
             self._fh = None
 
+    def _merge_order(self, parts: list[Path], n_items: int):
+        """(the line of each index, in index order, as positions into `files`/`offsets`; the part file of each line;
+        its byte offset). A duplicate index keeps its first copy; a missing one is an error."""
+        indices, files, offsets = array("q"), array("q"), array("q")
+        for file_no, part in enumerate(parts):
+            for index, offset in read_part(part)[0]:
+                indices.append(index)
+                files.append(file_no)
+                offsets.append(offset)
+        idx = np.frombuffer(indices, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        unique, first = np.unique(idx[order], return_index=True)
+        if len(unique) != n_items or (n_items and (unique[0] != 0 or unique[-1] != n_items - 1)):
+            raise RuntimeError(f"the part files of {self.out} hold {len(unique)} of {n_items} items; run again")
+        return order[first], files, offsets
+
     def merge(self, labels: list[str], n_items: int) -> dict:
         """Write the output and rejects in index order, each index once; return counts and metrics.
 
@@ -110,17 +126,7 @@ class ShardedOutput:
         from arxiv_ft.metrics import classification_metrics
 
         parts = self.parts()
-        indices, files, offsets = array("q"), array("q"), array("q")
-        for file_no, part in enumerate(parts):
-            for index, offset in read_part(part)[0]:
-                indices.append(index)
-                files.append(file_no)
-                offsets.append(offset)
-        idx = np.frombuffer(indices, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")
-        unique, first = np.unique(idx[order], return_index=True)  # a duplicate index keeps its first copy
-        if len(unique) != n_items or (n_items and (unique[0] != 0 or unique[-1] != n_items - 1)):
-            raise RuntimeError(f"the part files of {self.out} hold {len(unique)} of {n_items} items; run again")
+        picks, files, offsets = self._merge_order(parts, n_items)
         in_set = set(labels)
         y_true, y_pred, out_of_set, reasons = [], [], Counter(), Counter()
         n_predicted, n_unfit = 0, 0
@@ -130,7 +136,7 @@ class ShardedOutput:
         writer = open_writer(self.out)
         try:
             with open(rejects_tmp, "wb") as rejects:
-                for k in order[first]:
+                for k in picks:
                     fh = handles[files[k]]
                     fh.seek(offsets[k])
                     line = fh.readline()

@@ -34,8 +34,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
     stopper = GracefulStop(install=handle_signals)  # first: a stop signal during start-up must not be lost
     # Heavy libraries load here, after the command line is parsed: `--help` and a bad option answer at once.
     from arxiv_ft import phases as ph
-    from arxiv_ft.fit import Stopped, fit
-    from arxiv_ft.options import every_steps
+    from arxiv_ft.fit import Stopped
 
     launch = lock = None
     try:
@@ -56,18 +55,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = False) -> dict:
         def stop_if_asked() -> None:  # after training too: a stop signal is honoured, never swallowed
             ph.stop_if_asked(run, stop_requested, state, before)
 
-        state = fit(
-            run.setup,
-            state,
-            log=launch.log,
-            log_every=cfg.log_every_steps,
-            checkpoint_every=every_steps(cfg.checkpoint_every_steps, run.setup.plan.steps),
-            checkpoint=lambda state: ph.save_checkpoint(run, state, before),
-            eval_every=every_steps(cfg.eval_every_steps, run.setup.plan.steps),
-            evaluate=lambda state: ph.evaluate_and_keep_best(run, state),
-            should_stop=stop_requested,
-            track=launch.accelerator.log,
-        )
+        state = ph.fit_run(run, state, before, stop_requested)
         if cfg.checkpoint_every_steps:  # so a crash in what follows loses no training
             ph.ensure_checkpoint(run, state, before)
         stop_if_asked()

@@ -78,7 +78,30 @@ def every_steps(value: float, total_steps: int) -> int:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class DataOptions:
+    """The data options train and the TF-IDF baseline share (one definition: the baseline's copies had drifted)."""
+
+    train_file: str = option(
+        str(ASSETS / "cs-train-sample.jsonl"),
+        "training data: JSON/JSONL(.gz), Parquet, CSV, a datasets folder (save_to_disk) or a Hub dataset id",
+    )
+    eval_file: str = option(
+        str(ASSETS / "cs-validation-sample.jsonl"),
+        "validation data: the only papers any choice is made on (best/, recipes); same kinds as --train-file",
+    )
+    train_split: str = option("train", "split of a Hub dataset or DatasetDict folder given as --train-file")
+    eval_split: str = option("validation", "split of a Hub dataset or DatasetDict folder given as --eval-file")
+    title_field: str = option("title", "column holding the title")
+    abstract_field: str = option("abstract", "column holding the abstract")
+    label_field: str = option("categories", "column holding the label (a category, or a space-separated list: first)")
+    id_field: str = option("id", "column holding a paper id (row number when the column is absent)")
+    labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
+    train_per_class: int = option(30, "use at most this many training papers per class (0 = all)")
+    eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(DataOptions):
     # `--help` shows the options in these sections, in this order (every field is in exactly one; a test checks).
     _sections: ClassVar[dict[str, tuple[str, ...]]] = {
         "model": ("model", "model_revision", "dtype", "bf16", "trust_remote_code"),
@@ -160,29 +183,12 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% slower")
     # data
-    train_file: str = option(
-        str(ASSETS / "cs-train-sample.jsonl"),
-        "training data: JSON/JSONL(.gz), Parquet, CSV, a datasets folder (save_to_disk) or a Hub dataset id",
-    )
-    eval_file: str = option(
-        str(ASSETS / "cs-validation-sample.jsonl"),
-        "validation data: the only papers any choice is made on (best/, recipes); same kinds as --train-file",
-    )
     test_file: str = option(
         "auto",
         "test data: scored once, after training, and never used for a choice; auto = the shipped test sample when "
         "--eval-file is the shipped validation sample (else none); empty = no test evaluation",
     )
-    train_split: str = option("train", "split of a Hub dataset or DatasetDict folder given as --train-file")
-    eval_split: str = option("validation", "split of a Hub dataset or DatasetDict folder given as --eval-file")
     test_split: str = option("test", "split of a Hub dataset or DatasetDict folder given as --test-file")
-    title_field: str = option("title", "column holding the title")
-    abstract_field: str = option("abstract", "column holding the abstract")
-    label_field: str = option("categories", "column holding the label (a category, or a space-separated list: first)")
-    id_field: str = option("id", "column holding a paper id (row number when the column is absent)")
-    labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
-    train_per_class: int = option(30, "use at most this many training papers per class (0 = all)")
-    eval_per_class: int = option(10, "evaluate on at most this many papers per class (0 = all)")
     test_per_class: int = option(10, "test on at most this many papers per class (0 = all)")
     template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)", tuple(TEMPLATES))
     max_seq_tokens: int = option(
@@ -379,18 +385,7 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
-    train_file: str = option(str(ASSETS / "cs-train-sample.jsonl"), "training data (same kinds as train's)")
-    eval_file: str = option(str(ASSETS / "cs-validation-sample.jsonl"), "evaluation data")
-    train_split: str = option("train", "split of a Hub dataset or DatasetDict folder")
-    eval_split: str = option("validation", "split of a Hub dataset or DatasetDict folder")
-    title_field: str = option("title", "column holding the title")
-    abstract_field: str = option("abstract", "column holding the abstract")
-    label_field: str = option("categories", "column holding the label")
-    id_field: str = option("id", "column holding a paper id")
-    labels: str = option(str(ASSETS / "cs-labels.txt"), "label file, comma-separated labels, or top:K of train file")
-    train_per_class: int = option(0, "use at most this many training papers per class (0 = all)")
-    eval_per_class: int = option(0, "evaluate on at most this many papers per class (0 = all)")
+class BaselineConfig(DataOptions):
     text: str = option(
         "full",
         "what the classifier reads: the full title + abstract, or exactly the text an LLM run's prompt holds "

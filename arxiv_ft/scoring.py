@@ -40,18 +40,16 @@ class LabelScorer:
     @torch.no_grad()
     def score_prompts(self, prompts: list[list[int]]) -> torch.Tensor:
         """Log-likelihood of each label (+ end-of-turn) after each prompt: a [len(prompts), n_labels] tensor."""
+        return label_log_likelihoods(self.model, self.tree, *self.batch(prompts)).cpu()
+
+    def batch(self, prompts: list[list[int]]) -> tuple:
+        """(input ids, attention mask, position ids, shared prefix ids or None) on the model's device: the prompts
+        after the shared prefix, left-padded; the prefix runs once (when every prompt starts with it)."""
         device = self.model.device
         prefix = self.prefix if all(p[: len(self.prefix)] == self.prefix for p in prompts) else []
         input_ids, mask, positions = left_pad([p[len(prefix) :] for p in prompts], self.pad_id)
-        scores = label_log_likelihoods(
-            self.model,
-            self.tree,
-            input_ids.to(device),
-            mask.to(device),
-            positions.to(device),
-            torch.tensor([prefix], device=device) if prefix else None,
-        )
-        return scores.cpu()
+        shared = torch.tensor([prefix], device=device) if prefix else None
+        return input_ids.to(device), mask.to(device), positions.to(device), shared
 
     def predict(self, records: list[Record], batch_size: int, progress: bool = False) -> list[Prediction | None]:
         """Predictions in input order; None for a record whose prompt cannot fit the token budget."""
@@ -82,16 +80,7 @@ class HeadScorer(LabelScorer):
     @torch.no_grad()
     def score_prompts(self, prompts: list[list[int]]) -> torch.Tensor:
         """Head logits (log-probabilities up to a constant per row): a [len(prompts), n_labels] tensor."""
-        device = self.model.device
-        prefix = self.prefix if all(p[: len(self.prefix)] == self.prefix for p in prompts) else []
-        input_ids, mask, positions = left_pad([p[len(prefix) :] for p in prompts], self.pad_id)
-        hidden = last_hidden_state(
-            self.model,
-            input_ids.to(device),
-            mask.to(device),
-            positions.to(device),
-            torch.tensor([prefix], device=device) if prefix else None,
-        )
+        hidden = last_hidden_state(self.model, *self.batch(prompts))
         return torch.log_softmax(self.head(hidden), dim=-1).cpu()
 
 

@@ -475,7 +475,7 @@ class InterpolateConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    _positional: ClassVar[str] = "spec"  # `arxiv-ft sweep presets/frontier/cpu.yaml --out runs/frontier`
+    _positional: ClassVar[str] = "spec"  # `arxiv-ft sweep sweeps/frontier-cpu.yaml --out runs/frontier`
     spec: str = option("", "the sweep spec (YAML: recipe, seeds, methods with their learning rates, options)")
     out: str = option("", "the folder every point's run folder goes into")
     jobs: int = option(1, "runs at a time (each gets --cpu-threads 1 when > 1)")

@@ -1,9 +1,9 @@
 """Learning-rate sweeps as one command: every (method, learning rate, seed) point of a spec is a train.py run with its
 own folder and ledger; running the command again skips finished points and resumes interrupted ones.
 
-    arxiv-ft sweep presets/frontier/cpu.yaml --out runs/frontier --jobs 2     # locally, two runs at a time
-    arxiv-ft sweep presets/frontier/cpu.yaml --out runs/frontier --list       # the points, one a line
-    SPEC=presets/frontier/gpu.yaml slurm/sweep.sh                              # one Slurm array task a point
+    arxiv-ft sweep sweeps/frontier-cpu.yaml --out runs/frontier --jobs 2     # locally, two runs at a time
+    arxiv-ft sweep sweeps/frontier-cpu.yaml --out runs/frontier --list       # the points, one a line
+    SPEC=sweeps/frontier-gpu.yaml slurm/sweep.sh                              # one Slurm array task a point
 
 A spec (YAML):
 

@@ -4,7 +4,7 @@
 # Runs on the login node; prints the job ids.
 #
 #   METHODS="lora full" SEEDS="0 1 2" SBATCH_ARGS="--gpus-per-node=1 --time=4:00:00" slurm/sweep.sh
-#   SPEC=presets/frontier/gpu.yaml SBATCH_ARGS="--gpus-per-node=1" slurm/sweep.sh   # learning-rate sweep, an array
+#   SPEC=sweeps/frontier-gpu.yaml SBATCH_ARGS="--gpus-per-node=1" slurm/sweep.sh   # learning-rate sweep, an array
 #   PRESET_DIR=presets/compare SWEEP_DIR=runs/sweep-cs slurm/sweep.sh --train-per-class 100    # args go to every run
 #
 # Layout: $SWEEP_DIR/<method>-seed<seed>/ is each run's train.py --output-dir (a requeued run resumes there),

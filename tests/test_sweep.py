@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from arxiv_ft import sweep
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -56,3 +57,15 @@ def test_an_interrupted_sweep_skips_finished_points_and_ends_like_an_uninterrupt
     got, want = ledgers(resumed), ledgers(straight)
     assert list(got) == ["lora-lr0.01-s5", "lora-lr0.03-s5"] and got == want
     assert got["lora-lr0.01-s5"][0] != got["lora-lr0.03-s5"][0]  # the rates differ, so do the runs
+
+
+@pytest.mark.parametrize("spec", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_spec_is_valid_and_its_recipes_parse(spec, monkeypatch):
+    from arxiv_ft.config import parse_config
+    from arxiv_ft.options import TrainConfig
+
+    monkeypatch.chdir(ROOT)
+    parsed = sweep.read_spec(spec)
+    for point in sweep.points(parsed):
+        cfg = parse_config(TrainConfig, sweep.train_args(parsed, point, "runs/x"), "")
+        assert (cfg.method, cfg.lr, cfg.seed) == (point.method, point.lr, point.seed)

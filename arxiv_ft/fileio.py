@@ -156,3 +156,29 @@ class FolderLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+class NoLock:
+    """What a process that holds no lock releases (every process but the main one)."""
+
+    def release(self) -> None:
+        pass
+
+
+def claim_on_main(state, take) -> FolderLock | NoLock:
+    """The main process runs `take()` (take a lock, check the folder; SystemExit to refuse) and every process stops
+    alike when it refuses: the refusal is broadcast, so no process waits for one that has left. `state`: an
+    accelerate Accelerator or PartialState."""
+    problem, lock = [None], NoLock()
+    if state.is_main_process:
+        try:
+            lock = take()
+        except SystemExit as exc:
+            problem = [str(exc)]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise SystemExit(problem[0])
+    return lock

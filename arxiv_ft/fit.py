@@ -20,8 +20,7 @@ import torch
 
 from arxiv_ft.data import BatchPlan, Example
 from arxiv_ft.loss import loss_scale
-
-SCHEDULES = ("cosine", "linear", "constant")
+from arxiv_ft.options import SCHEDULES
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

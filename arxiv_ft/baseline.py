@@ -208,10 +208,10 @@ def run(cfg: BaselineConfig):
     """Train and evaluate; returns (ledger, full metrics)."""
     from arxiv_ft.config import to_dict
     from arxiv_ft.ledger import Ledger, git_revision, now, package_versions, scores
-    from arxiv_ft.sources import load_task, to_records
+    from arxiv_ft.sources import load_papers, to_records
 
     started = time.perf_counter()
-    labels, train, evals = load_task(cfg)
+    labels, train, evals = load_papers(cfg)
     train = to_records(train)
     text = llm_text(cfg.same_text_as) if cfg.text == "llm" else paper_text
     metrics = fit_and_score(

@@ -123,11 +123,11 @@ def score_alpha(cfg, run, alpha: float, path: Path) -> None:
     from arxiv_ft.ledger import Ledger, now, scores
     from arxiv_ft.modeling import cache_dir
     from arxiv_ft.options import TrainConfig
-    from arxiv_ft.sources import load_task, load_test
+    from arxiv_ft.sources import load_papers, load_test
 
     started = time.perf_counter()
     trained = config_from_dict(TrainConfig, run.config())
-    _, _, evals = load_task(trained)
+    _, _, evals = load_papers(trained)
     test = load_test(trained, run.labels())
     model, reference = interpolated_model(run, alpha)
     tokenizer = run.load_tokenizer()

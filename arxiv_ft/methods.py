@@ -21,7 +21,9 @@ class IncompatibleLaunch(SystemExit):
 
 @dataclass(frozen=True)
 class Method:
-    """Full fine-tuning: every weight trains (fp32 master weights; bf16 compute through mixed precision on GPUs)."""
+    """A way of fine-tuning: one entry of the methods table. The base behaviour is the whole model's (every weight
+    trains; fp32 master weights, bf16 compute through mixed precision on GPUs), which FullFineTuning is; the adapter
+    methods override what differs."""
 
     name: str = "full"
     summary: str = "every weight trains"
@@ -72,6 +74,11 @@ class Method:
 
     def merge(self, folder: Path, source, out: Path, dtype):
         raise SystemExit(f"{folder}: a full fine-tune is already a whole model; there is no adapter to merge")
+
+
+@dataclass(frozen=True)
+class FullFineTuning(Method):
+    """Full fine-tuning: every weight trains, and the whole model is saved."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ def _quant_storage(folder: Path) -> str:
     return json.loads((Path(folder) / "train_config.json").read_text()).get("bnb_quant_storage", "uint8")
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), QLoRA(), DoRA(), Method())}
+METHODS: dict[str, Method] = {m.name: m for m in (LoRA(), QLoRA(), DoRA(), FullFineTuning())}
 
 
 def get_method(name: str) -> Method:

@@ -43,8 +43,7 @@ from arxiv_ft.options import TrainConfig, every_steps
 from arxiv_ft.prompts import PromptSpec, chat_date_string, resolve_chat_template
 from arxiv_ft.rundir import RunDir
 from arxiv_ft.scoring import check_scoring_memory
-from arxiv_ft.sources import SourceError, load_test
-from arxiv_ft.sources import load_task as load_papers
+from arxiv_ft.sources import SourceError, load_papers, load_test
 
 # The phases train() calls that live with the modules owning their files (kept here so train() reads as one list).
 __all__ = ["Launch", "start", "resume", "save_checkpoint", "ensure_checkpoint", "save_weights", "probe_base"]

@@ -254,7 +254,7 @@ def to_records(ds) -> list[rec.Record]:
     return [rec.Record(r["id"], r["title"], r["abstract"], (r["primary"],)) for r in ds]
 
 
-def load_task(cfg):
+def load_papers(cfg):
     """(labels, training dataset, evaluation records) of a train/baseline config: labels checked, sampled per class.
 
     Training papers are sampled with the run's seed; evaluation papers always with seed 0, so every run and the

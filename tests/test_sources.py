@@ -12,7 +12,7 @@ import pytest
 from arxiv_ft.data import PromptBuilder, tokenize_dataset, tokenize_records
 from arxiv_ft.prompts import get_template
 from arxiv_ft.records import RecordError, read_records
-from arxiv_ft.sources import Fields, SourceError, load_split, load_task, to_records
+from arxiv_ft.sources import Fields, SourceError, load_papers, load_split, to_records
 from tests.conftest import ASSETS
 
 N = 40
@@ -108,10 +108,10 @@ def test_train_and_baseline_read_the_same_papers_from_any_source(tmp_path, paper
     mapping["label_field"] = fields.label
     for cls in (TrainConfig, BaselineConfig):
         cfg = cls(train_file=spec, eval_file=sources["csv"][0], train_per_class=1, eval_per_class=1, **mapping)
-        labels, train, evals = load_task(cfg)
+        labels, train, evals = load_papers(cfg)
         assert len(train) == len({r.primary for r in papers}) and len(evals) == len(train)
     with pytest.raises(RecordError, match="not in the label set"):
-        load_task(TrainConfig(train_file=spec, eval_file=sources["csv"][0], labels="cs.AI,cs.XX", **mapping))
+        load_papers(TrainConfig(train_file=spec, eval_file=sources["csv"][0], labels="cs.AI,cs.XX", **mapping))
 
 
 def test_tokenisation_is_cached_and_equals_the_in_memory_path(tmp_path, papers, tokenizer, labels):

@@ -82,12 +82,12 @@ def tfidf_full_split(eval_file: Path) -> dict:
     """TF-IDF on the whole balanced split (data/cs-train.jsonl.gz), scored on the curve's validation papers."""
     from arxiv_ft.baseline import fit_and_score
     from arxiv_ft.options import BaselineConfig
-    from arxiv_ft.sources import load_task, to_records
+    from arxiv_ft.sources import load_papers, to_records
 
     cfg = BaselineConfig(
         train_file=str(ROOT / "data" / "cs-train.jsonl.gz"), eval_file=str(eval_file), eval_per_class=20
     )
-    labels, train, evals = load_task(cfg)
+    labels, train, evals = load_papers(cfg)
     train = to_records(train)
     full = fit_and_score(train, evals, labels)
     return {"n_train": len(train), "accuracy": full["accuracy"], "macro_f1": full["macro_f1"]}
@@ -125,10 +125,10 @@ def plot(runs: Path, out: Path) -> None:
     tokenizer = load_tokenizer("smollm2-135m")
     # TF-IDF's training tokens: one pass over the text it read (counted with the LLM's tokenizer).
     from arxiv_ft.options import TrainConfig
-    from arxiv_ft.sources import load_task, to_records
+    from arxiv_ft.sources import load_papers, to_records
 
     for row in rows:
-        _, train, _ = load_task(TrainConfig(train_per_class=row["per_class"], seed=row["seed"]))
+        _, train, _ = load_papers(TrainConfig(train_per_class=row["per_class"], seed=row["seed"]))
         row["tfidf_full_tokens"] = _train_tokens([f"{r.title}. {r.abstract}" for r in to_records(train)], tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     labels = {

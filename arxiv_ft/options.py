@@ -193,7 +193,9 @@ class TrainConfig(DataOptions):
     template: str = option(DEFAULT_TEMPLATE, "prompt template id (see arxiv_ft/prompts.py)", tuple(TEMPLATES))
     max_seq_tokens: int = option(
         80,
-        "token budget (what --token-budget counts) of prompt + answer; the abstract is shortened to fit",
+        "token budget of prompt + answer, counted as --token-budget says (default: the paper's tokens after the "
+        "shared system turn, not the whole sequence as TRL's max_seq_length/max_length, which are accepted as "
+        "aliases); the abstract is shortened to fit",
         aliases=("max_length", "max_seq_length"),
     )
     token_budget: str = option(
@@ -239,7 +241,8 @@ class TrainConfig(DataOptions):
     eval_batch_size: int = option(16, "papers per evaluation batch", aliases=("per_device_eval_batch_size",))
     eval_every_steps: float = option(
         0.0,
-        "evaluate every N steps (or this fraction of the run if < 1) and keep best/ by macro-F1; 0 = off",
+        "evaluate every N steps (a value below 1 is a fraction of the run: 0.25 = four times) and keep best/ by "
+        "macro-F1; 0 = off",
         aliases=("eval_steps",),
     )
     tfidf_baseline: bool = option(
@@ -262,7 +265,8 @@ class TrainConfig(DataOptions):
     # resumability
     checkpoint_every_steps: float = option(
         0.1,
-        "save a resumable checkpoint every N steps (or this fraction of the run if < 1); 0 = only on a stop signal",
+        "save a resumable checkpoint every N steps; a value below 1 is a fraction of the run (0.1 = every 10%% of "
+        "its steps), as with TrainingArguments' save_steps; 0 = only on a stop signal",
         aliases=("save_steps",),
     )
     keep_checkpoints: int = option(2, "how many complete checkpoints to keep", aliases=("save_total_limit",))

@@ -166,6 +166,12 @@ def write_summary(cfg: InferConfig, output, spec: InferTask, n_items: int, ranks
     logger.info(
         f"{summary['n_predicted']} predicted, {n_rejected} rejected of {n_items} -> {output.out}"
         + (f"; accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})" if m else "")
+        + (
+            f"; {summary['n_true_out_of_label_set']} paper(s) whose true category is outside the label set are left "
+            "out of the metrics (their rows say true_in_label_set: false)"
+            if summary["n_true_out_of_label_set"]
+            else ""
+        )
     )
 
 
@@ -366,6 +372,12 @@ def classify_chunk(classifier, chunk: list, cfg: InferConfig, output, counts: di
     progress.update(len(lines))
     todo.sort(key=lambda t: len(t[2]))  # similar lengths in a batch: little padding
     k = min(cfg.top_k, len(classifier.labels))
+    allowed = set(classifier.labels)
+
+    def known(record) -> dict:  # whether the paper's true category (when the input has one) is in the label set
+        in_set = None if not record.primary else record.primary in allowed
+        return {"true": record.primary, "true_in_label_set": in_set}
+
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start : start + cfg.batch_size]
         lines = []
@@ -374,13 +386,11 @@ def classify_chunk(classifier, chunk: list, cfg: InferConfig, output, counts: di
                 top_p, top_i = classifier.probabilities([p for _, _, p in batch]).topk(k, dim=-1)
             for row, (index, record, _) in enumerate(batch):
                 top = [[classifier.labels[i], round(p, 6)] for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]
-                lines.append(
-                    {"index": index, "id": record.id, "predicted": top[0][0], "top_k": top, "true": record.primary}
-                )
+                lines.append({"index": index, "id": record.id, "predicted": top[0][0], "top_k": top, **known(record)})
         else:
             gens = classifier.generate([r for _, r, _ in batch], len(batch), cfg.max_new_tokens)
             for (index, record, _), (text, label) in zip(batch, gens):
-                line = {"index": index, "id": record.id, "predicted": label, "top_k": None, "true": record.primary}
+                line = {"index": index, "id": record.id, "predicted": label, "top_k": None, **known(record)}
                 lines.append(line | {"generated": text})
         output.write(lines)
         counts["predicted"] += len(lines)

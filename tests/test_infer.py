@@ -208,6 +208,8 @@ def test_bad_lines_are_rejected_with_line_numbers_and_the_rest_classified(
     got = read_jsonl(out)
     gz_ids = [x.id for p, _, x in items if p == str(cut) and isinstance(x, rec.Record)]
     assert [g["id"] for g in got] == ["a", "f", "h", *gz_ids]
+    # Each row says whether its true category is one the model can answer ("h" is math.CO: flagged, not hidden).
+    assert [g["true_in_label_set"] for g in got[:3]] == [True, True, False]
     assert [g["index"] for g in got] == [0, 5, 7] + list(range(8, 8 + n_gz))  # the blank line has no index
     rejects = read_jsonl(tmp_path / "preds.jsonl.rejects.jsonl")
     assert [(r["path"], r["line_no"]) for r in rejects] == [(str(bad), n) for n in (2, 3, 4, 5, 8)] + [

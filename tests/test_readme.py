@@ -16,6 +16,9 @@ from tests.conftest import ROOT
 RUN = ROOT / "docs" / "results" / "default-run"
 README = (ROOT / "README.md").read_text()
 PATHS = ("train_file", "eval_file", "test_file", "labels", "output_dir")
+# Options added after the run was measured that the default run does not read (its objective is answer-tokens): a new
+# option that changes what the default run does must not be listed here; re-measure the run instead.
+UNREAD_BY_DEFAULT = {"kl_beta", "kl_windows", "kl_window_tokens", "kl_text"}
 
 
 def pct(x: float) -> str:
@@ -32,7 +35,9 @@ def test_the_committed_default_run_is_what_train_py_runs_by_default():
 
     recorded = json.loads((RUN / "train_config.json").read_text())
     current = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
-    differ = {k: (recorded.get(k), v) for k, v in current.items() if k not in PATHS and recorded.get(k) != v}
+    assert recorded["objective"] == "answer-tokens"
+    ignored = set(PATHS) | (UNREAD_BY_DEFAULT - set(recorded))
+    differ = {k: (recorded.get(k), v) for k, v in current.items() if k not in ignored and recorded.get(k) != v}
     assert not differ, f"the default changed since docs/results/default-run was measured: {differ}"
 
 

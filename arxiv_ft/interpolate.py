@@ -27,7 +27,7 @@ import torch
 
 from arxiv_ft.options import parse_alphas
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("arxiv_ft.interpolate")  # not __name__: run as -m, that is __main__
 
 
 @torch.no_grad()

@@ -289,7 +289,7 @@ def _gathered_state_dict(acc, train_model) -> dict | None:
     return None
 
 
-def save_weights(run, folder: Path) -> None:
+def save_weights(run, folder: Path, with_tokenizer: bool = True) -> None:
     """Write a loadable run folder's weights and task files into `folder` (every process calls this)."""
     from arxiv_ft.config import to_dict
     from arxiv_ft.modeling import register_in_hub_cache
@@ -306,7 +306,8 @@ def save_weights(run, folder: Path) -> None:
             head = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
         out.write_weights(launch.method, model, state_dict=state_dict, head_state=head)
         out.write_task(to_dict(cfg), task.labels, task.prompt, task.source.record())
-        out.write_tokenizer(task.tokenizer)  # every loadable folder carries its own tokenizer and chat template
+        if with_tokenizer:  # the run and best/ (the folder people copy out) carry their own tokenizer and template;
+            out.write_tokenizer(task.tokenizer)  # a checkpoint reads its run's (RunDir.owner), and stays small
         hub_id = task.source.hub_id()
         out.fix_adapter_base(hub_id)
         if hub_id and launch.method.adapter:  # so plain peft finds the base by that id offline, here
@@ -327,7 +328,7 @@ def save_checkpoint(run, state: TrainState, before: dict | None) -> Path:
         shutil.rmtree(partial, ignore_errors=True)  # a leftover of a crash while saving this same step
         partial.mkdir(parents=True)
     acc.wait_for_everyone()
-    save_weights(run, partial)
+    save_weights(run, partial, with_tokenizer=False)
     sharded = _uses_accelerate_state(acc)
     if sharded:
         acc.save_state(str(partial / ACCELERATE_STATE))

@@ -200,17 +200,22 @@ def top_k_primaries(path: str | Path, k: int) -> list[str]:
 
 def check_labels(records: Iterable[Record], labels: list[str], source: str) -> list[Record]:
     """Materialise records whose primary category must be in `labels`; an unknown one is an error naming it."""
+    out = list(records)
+    refuse_unknown_labels([r.id for r in out], [r.primary for r in out], labels, source)
+    return out
+
+
+def refuse_unknown_labels(ids: list[str], primaries: list[str], labels: list[str], source: str) -> None:
+    """The first row whose primary category is not in `labels`, as an error naming it: the one label check, for
+    records here and dataset rows in sources.py."""
     allowed = set(labels)
-    out = []
-    for i, record in enumerate(records):
-        if record.primary not in allowed:
+    for i, primary in enumerate(primaries):
+        if primary not in allowed:
             raise RecordError(
-                f"{source}: record {i + 1} (id {record.id}) has primary category {record.primary!r}, "
+                f"{source}: record {i + 1} (id {ids[i]}) has primary category {primary!r}, "
                 f"which is not in the label set ({len(labels)} labels: {', '.join(labels)}). "
                 "Filter the data or pass a label set that includes it."
             )
-        out.append(record)
-    return out
 
 
 def split_bucket(record_id: str, seed: int) -> float:

@@ -232,14 +232,7 @@ def label_set(spec: str, train) -> list[str]:
 
 def check_labels(ds, labels: list[str], where: str) -> None:
     """Every primary category must be in the label set; the first that is not is an error naming the row and id."""
-    allowed = set(labels)
-    for index, primary in enumerate(ds["primary"]):
-        if primary not in allowed:
-            raise rec.RecordError(
-                f"{where}: record {index + 1} (id {ds[index]['id']}) has primary category {primary!r}, which is not "
-                f"in the label set ({len(labels)} labels: {', '.join(labels)}). Filter the data or pass a label set "
-                "that includes it."
-            )
+    rec.refuse_unknown_labels(ds["id"], ds["primary"], labels, where)
 
 
 def sample(ds, per_class: int, seed: int):

@@ -46,7 +46,19 @@ def points(rows: list[dict]) -> list[dict]:
             )
         point["label"] = f"lr {lr:g}" + (f", α {alpha:g}" if alpha != 1.0 else "")
         out.append(point)
-    return out
+    return out + shared_base(out)
+
+
+def shared_base(pts: list[dict]) -> list[dict]:
+    """α = 0 is the base model whatever the method (θ_base + 0·Δ): a measured α = 0 point starts the curve of every
+    other method on the same unquantised base that has none of its own (QLoRA's base is its 4-bit copy: not shared)."""
+    from arxiv_ft.methods import METHODS
+
+    bases = [p for p in pts if p["alpha"] == 0 and not getattr(METHODS.get(p["method"]), "quantized", False)]
+    have = {p["method"] for p in pts if p["alpha"] == 0}
+    methods = [m for m in dict.fromkeys(p["method"] for p in pts) if m not in have]
+    shareable = [m for m in methods if not getattr(METHODS.get(m), "quantized", False)]
+    return [base | {"method": m, "label": "base (α 0)", "shared": True} for base in bases[:1] for m in shareable]
 
 
 def _mean(values):
@@ -145,14 +157,15 @@ def _verdict(target: float, found: dict, more_is_worse: bool) -> str:
     return f"{at}, {best} forgets least, but its interval overlaps {', '.join(others)}'s: no method dominates here."
 
 
-def targets(pts: list[dict], step: float = 0.05) -> list[float]:
-    """Accuracies (multiples of `step`) that at least two methods' points span: where matching means something."""
+def targets(pts: list[dict], step: float = 0.05, most: int = 3) -> list[float]:
+    """The `most` highest accuracies (multiples of `step`) that at least two methods' points span: where matching
+    means something, near what training reaches."""
     spans = {}
     for p in pts:
         lo, hi = spans.get(p["method"], (1.0, 0.0))
         spans[p["method"]] = (min(lo, p["accuracy"]), max(hi, p["accuracy"]))
     grid = [round(i * step, 4) for i in range(1, int(1 / step))]
-    return [t for t in grid if sum(lo <= t <= hi for lo, hi in spans.values()) >= 2]
+    return [t for t in grid if sum(lo <= t <= hi for lo, hi in spans.values()) >= 2][-most:]
 
 
 def plot(pts: list[dict], path: Path) -> str:

@@ -76,3 +76,12 @@ def test_the_plot_is_written(pts, tmp_path):
 
     matplotlib.use("Agg")
     assert (tmp_path / "f.png").name in frontier.plot(pts, tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size
+
+
+def test_the_base_starts_every_unquantised_methods_curve():
+    rows = [row("lora", 2e-3, 0.05, 0.0, alpha=0.0), row("lora", 2e-3, 0.6, 70.0)]
+    rows += [row("full", 2e-4, 0.6, 17.0), row("qlora", 2e-3, 0.58, 36.0)]
+    pts = frontier.points(rows)
+    full = sorted((p for p in pts if p["method"] == "full"), key=lambda p: p["accuracy"])
+    assert [p["label"] for p in full] == ["base (α 0)", "lr 0.0002"] and full[0]["ppl_change_pct"] == 0.0
+    assert [p["label"] for p in pts if p["method"] == "qlora"] == ["lr 0.002"]  # its base is the 4-bit copy

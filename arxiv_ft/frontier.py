@@ -5,7 +5,8 @@ accuracy on the report's papers, and each forgetting measure with an interval (o
 several: the envelope of their intervals). A point is on the Pareto front when no other point is at least as accurate
 and forgets no more, one of them strictly. "At matched accuracy" reads each method's own front, interpolated linearly
 between the two points around the accuracy asked for (none outside its range): the least forgetting that method
-reached at that accuracy, with the interval bounds interpolated alike, and what training it cost.
+reached at that accuracy, with the interval bounds interpolated alike, and what training it cost (the run at the upper
+point: WiSE-FT points share their run's training).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def shared_base(pts: list[dict]) -> list[dict]:
     have = {p["method"] for p in pts if p["alpha"] == 0}
     methods = [m for m in dict.fromkeys(p["method"] for p in pts) if m not in have]
     shareable = [m for m in methods if not getattr(METHODS.get(m), "quantized", False)]
-    return [base | {"method": m, "label": "base (α 0)", "shared": True} for base in bases[:1] for m in shareable]
+    shared = {"label": "base (α 0)", "shared": True, "device_seconds": 0.0}  # no training
+    return [base | shared | {"method": m} for base in bases[:1] for m in shareable]
 
 
 def _mean(values):
@@ -107,7 +109,8 @@ def at_accuracy(pts: list[dict], target: float, key: str, more_is_worse: bool = 
             return {
                 "value": _mix(lo[key], hi[key], t),
                 "ci": [_mix(a[0], b[0], t), _mix(a[1], b[1], t)] if a and b else None,
-                "device_seconds": _mix(lo["device_seconds"], hi["device_seconds"], t),
+                # What reaching it costs: the training run at the upper end (a WiSE-FT point shares its run).
+                "device_seconds": hi["device_seconds"],
             }
     for p in front:
         if abs(p["accuracy"] - target) < 1e-9:

@@ -805,7 +805,8 @@ def frontier_section(pts: list[dict], out: Path, plots: list[str]) -> list[str]:
         "## Frontier: accuracy against forgetting (learning rates and WiSE-FT α; `frontier.png`)",
         "",
         "Forgetting and cost at matched accuracy, read along each method's own Pareto front (linear between its "
-        "two points around the accuracy; intervals interpolated alike; device-seconds of the training run):",
+        "two points around the accuracy; intervals interpolated alike; device-seconds: the training run that reaches "
+        "it, whose WiSE-FT points share its cost):",
         "",
         table,
         "",

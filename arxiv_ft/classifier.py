@@ -30,6 +30,7 @@ class Classifier:
     tokenizer: object
     builder: PromptBuilder
     head: torch.nn.Module | None = None
+    temperature: float = 1.0  # label log-likelihoods are divided by it before the softmax (calibration.py)
 
     def __post_init__(self):
         if self.head is not None:
@@ -46,6 +47,7 @@ class Classifier:
         cls, folder: str | Path, device: str | torch.device | None = None, dtype: str = "auto", trust_remote_code=False
     ) -> Classifier:
         """Load a train.py output folder, one of its checkpoints, or its best/ folder."""
+        from arxiv_ft.calibration import read_temperature
         from arxiv_ft.modeling import resolve_dtype
         from arxiv_ft.rundir import RunDir
 
@@ -54,7 +56,7 @@ class Classifier:
         model = run.load_model(resolve_dtype(dtype, device), trust_remote_code).to(device).eval()
         tokenizer = run.load_tokenizer(trust_remote_code)
         builder = PromptBuilder.from_spec(tokenizer, run.prompt(), run.labels())
-        return cls(model, tokenizer, builder, run.load_head(device))
+        return cls(model, tokenizer, builder, run.load_head(device), read_temperature(run.path))
 
     @classmethod
     def zero_shot(
@@ -73,8 +75,29 @@ class Classifier:
         return [self.builder.prompt_ids(r) for r in records]
 
     def probabilities(self, prompts: list[list[int]]) -> torch.Tensor:
-        """[len(prompts), n_labels] label probabilities for prompts of one batch."""
-        return torch.softmax(self.scorer.score_prompts(prompts).float(), dim=-1)
+        """[len(prompts), n_labels] label probabilities for prompts of one batch (at the classifier's temperature)."""
+        return self.scores(prompts)[0]
+
+    def scores(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(label probabilities [batch, n_labels] at the classifier's temperature, label mass [batch]) from one
+        forward. The label mass is p(the answer is one of the allowed labels) = sum over labels of p(label tokens +
+        end-of-turn | prompt), uncalibrated: a paper from outside the label set may draw the model's mass elsewhere.
+        None for a classification head (its softmax is over the labels only)."""
+        log_likelihoods = self.scorer.score_prompts(prompts).float()
+        probs = torch.softmax(log_likelihoods / self.temperature, dim=-1)
+        return probs, None if self.head is not None else torch.logsumexp(log_likelihoods, dim=-1).exp()
+
+    def log_likelihoods(self, records: list[Record], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label log-likelihoods [n, n_labels], true label index [n]) of the papers that fit and whose label is in the
+        set, in input order: what a temperature is fitted on."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        kept = [(r, p) for r, p in zip(records, self.prompts(records)) if p is not None and r.primary in index]
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(kept), batch_size):
+                rows.append(self.scorer.score_prompts([p for _, p in kept[start : start + batch_size]]).float())
+        scores = torch.cat(rows) if rows else torch.zeros((0, len(self.labels)))
+        return scores, torch.tensor([index[r.primary] for r, _ in kept], dtype=torch.long)
 
     def predict(self, papers: list, top_k: int = 3, batch_size: int = 16) -> list[dict | None]:
         """The label and the top-k (label, probability) pairs of each paper, in input order (None: does not fit)."""

@@ -6,6 +6,7 @@
     arxiv-ft report LEDGERS...    task gain vs forgetting vs cost, from run ledgers
     arxiv-ft merge RUN --out DIR  fold an adapter into a standalone model folder
     arxiv-ft sweep SPEC --out DIR learning-rate sweeps per method and seed; again = skip finished points
+    arxiv-ft calibrate --model-dir RUN   fit a temperature on validation papers (infer's probabilities, abstention)
     arxiv-ft interpolate RUN      WiSE-FT: score the run at alpha in [0, 1] of the way from its base (one ledger each)
     arxiv-ft push RUN --repo R    upload a finished run folder to the Hub (retry a failed --push-to-hub)
     arxiv-ft fetch --query Q --out FILE   papers from the arXiv API into a JSONL file
@@ -26,6 +27,7 @@ COMMANDS = {
     "report": ("arxiv_ft.report", "compare runs: gain vs forgetting vs cost"),
     "merge": ("arxiv_ft.merge", "merge an adapter into a full model folder"),
     "sweep": ("arxiv_ft.sweep", "learning-rate sweeps: one train.py run per (method, rate, seed)"),
+    "calibrate": ("arxiv_ft.calibration", "fit a temperature on validation papers (calibrated probabilities)"),
     "interpolate": ("arxiv_ft.interpolate", "WiSE-FT curve of a finished run (alpha from base to run)"),
     "push": ("arxiv_ft.card", "upload a finished run folder to the Hub"),
     "fetch": ("arxiv_ft.arxiv_api", "fetch papers from the arXiv API"),

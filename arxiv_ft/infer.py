@@ -34,12 +34,21 @@ logger = logging.getLogger("arxiv_ft")
 
 @dataclass(frozen=True)
 class InferTask:
-    """What inference classifies into, and how: the label set, the prompt spec, and the run folder it comes from
-    (None for a zero-shot base model)."""
+    """What inference classifies into, and how: the label set, the prompt spec, the run folder it comes from (None for
+    a zero-shot base model) and the temperature the label scores are divided by (calibration.py)."""
 
     labels: list[str]
     prompt: object  # prompts.PromptSpec
     run: object | None  # rundir.RunDir
+    temperature: float = 1.0
+
+
+def label_set_id(labels: list[str]) -> str:
+    """A short name for a label set by content (rows say which set they were classified into)."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(labels).encode()).hexdigest()[:12]
+    return f"{len(labels)}-labels-{digest}"
 
 
 def infer(cfg: InferConfig) -> dict:
@@ -162,17 +171,27 @@ def write_summary(cfg: InferConfig, output, spec: InferTask, n_items: int, ranks
         },
     }
     output.write_summary(summary)
-    m = summary["metrics"]
-    logger.info(
-        f"{summary['n_predicted']} predicted, {n_rejected} rejected of {n_items} -> {output.out}"
-        + (f"; accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} (n={m['n']})" if m else "")
-        + (
+    logger.info(console_summary(summary, output.out))
+
+
+def console_summary(summary: dict, out) -> str:
+    """What the run did, in one line: scored, left out (and why), abstained, and the metrics on what they cover."""
+    m, answered = summary["metrics"], summary.get("metrics_answered")
+    text = f"{summary['n_predicted']} scored, {summary['n_rejected']} rejected of {summary['n_items']} -> {out}"
+    if summary["n_abstained"]:
+        n_out = summary["n_abstained_true_out_of_label_set"]
+        text += f"; {summary['n_abstained']} abstained ({n_out} of them outside the label set)"
+    if m:
+        text += f"; accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f} over the {m['n']} papers in the label set"
+        text += " (abstentions count as wrong)" if summary["n_abstained"] else ""
+    if answered:
+        text += f"; {answered['accuracy']:.4f} on the {answered['n']} of them answered"
+    if summary["n_true_out_of_label_set"]:
+        text += (
             f"; {summary['n_true_out_of_label_set']} paper(s) whose true category is outside the label set are left "
             "out of the metrics (their rows say true_in_label_set: false)"
-            if summary["n_true_out_of_label_set"]
-            else ""
         )
-    )
+    return text
 
 
 def resolve_task(cfg: InferConfig) -> InferTask:
@@ -195,7 +214,8 @@ def resolve_task(cfg: InferConfig) -> InferTask:
             get_template(spec.template)
         except ValueError as exc:
             raise SystemExit(f"--labels/--template: {exc}") from None
-        return InferTask(labels, spec, None)
+        return InferTask(labels, spec, None, cfg.temperature or 1.0)
+    from arxiv_ft.calibration import read_temperature
     from arxiv_ft.rundir import RunDir
 
     run = RunDir(cfg.model_dir).check()
@@ -221,7 +241,7 @@ def resolve_task(cfg: InferConfig) -> InferTask:
     for key, value in given.items():
         if value and value != saved[key]:
             raise SystemExit(f"--{key.replace('_', '-')} {value!r} differs from what {run.path} was trained with")
-    return InferTask(labels, spec, run)
+    return InferTask(labels, spec, run, cfg.temperature or read_temperature(run.path))
 
 
 def zero_shot_date(cfg: InferConfig) -> str:
@@ -253,6 +273,9 @@ def run_record(cfg: InferConfig, spec: InferTask, paths, dtype) -> dict:
         **spec.prompt.to_json(),
         "mode": cfg.mode,
         "top_k": cfg.top_k if cfg.mode == "score" else None,
+        "temperature": spec.temperature if cfg.mode == "score" else None,
+        "abstain": [cfg.abstain_on, cfg.abstain_below] if cfg.abstain_below else None,
+        "quantize": cfg.quantize,
         "max_new_tokens": cfg.max_new_tokens if cfg.mode == "generate" else None,
         "dtype": str(dtype).removeprefix("torch."),
         "input": [input_identity(p) for p in paths] if cfg.input else source,
@@ -305,7 +328,32 @@ def load_classifier(cfg: InferConfig, spec: InferTask, device, dtype):
         model, head = run.load_model(dtype, cfg.trust_remote_code), run.load_head(device)
     else:
         model, head = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code), None
-    return Classifier(model.to(device).eval(), tokenizer, builder, head)
+    if head is not None and cfg.abstain_below and cfg.abstain_on == "label_mass":
+        raise SystemExit("--abstain-on label_mass: a classification-head run has no label mass; use confidence")
+    if cfg.quantize == "int8":
+        model = quantize_int8(model, device, dtype)
+    return Classifier(model.to(device).eval(), tokenizer, builder, head, spec.temperature)
+
+
+def quantize_int8(model, device, dtype):
+    """int8 dynamic quantisation of every linear layer (weights int8 per tensor, activations quantised on the fly):
+    a CPU path (fbgemm/onednn kernels). Adapters are merged into their base first, so the quantised model is one
+    plain model; a 4-bit QLoRA base is refused (merge it with `arxiv-ft merge` first)."""
+    import warnings
+
+    import torch
+
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        raise SystemExit(f"--quantize int8 is a CPU path for fp32 weights (this run: {device}, {dtype})")
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise SystemExit("--quantize int8: the model is already quantised (QLoRA): `arxiv-ft merge` it first")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with warnings.catch_warnings():  # torch.ao's dynamic quantisation warns that it will move to torchao
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def expand_inputs(spec: str):
@@ -371,31 +419,49 @@ def classify_chunk(classifier, chunk: list, cfg: InferConfig, output, counts: di
     output.write(lines)
     progress.update(len(lines))
     todo.sort(key=lambda t: len(t[2]))  # similar lengths in a batch: little padding
-    k = min(cfg.top_k, len(classifier.labels))
-    allowed = set(classifier.labels)
-
-    def known(record) -> dict:  # whether the paper's true category (when the input has one) is in the label set
-        in_set = None if not record.primary else record.primary in allowed
-        return {"true": record.primary, "true_in_label_set": in_set}
-
+    row = Rows(classifier.labels, cfg, with_mass=classifier.head is None)
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start : start + cfg.batch_size]
-        lines = []
         if cfg.mode == "score":
             with torch.no_grad():
-                top_p, top_i = classifier.probabilities([p for _, _, p in batch]).topk(k, dim=-1)
-            for row, (index, record, _) in enumerate(batch):
-                top = [[classifier.labels[i], round(p, 6)] for p, i in zip(top_p[row].tolist(), top_i[row].tolist())]
-                lines.append({"index": index, "id": record.id, "predicted": top[0][0], "top_k": top, **known(record)})
+                probs, mass = classifier.scores([p for _, _, p in batch])
+            lines = [row.scored(i, r, probs[k], None if mass is None else mass[k]) for k, (i, r, _) in enumerate(batch)]
         else:
             gens = classifier.generate([r for _, r, _ in batch], len(batch), cfg.max_new_tokens)
-            for (index, record, _), (text, label) in zip(batch, gens):
-                line = {"index": index, "id": record.id, "predicted": label, "top_k": None, **known(record)}
-                lines.append(line | {"generated": text})
+            lines = [row.generated(i, r, text, label) for (i, r, _), (text, label) in zip(batch, gens)]
         output.write(lines)
         counts["predicted"] += len(lines)
         progress.update(len(lines))
         progress.set_postfix(rejected=counts["rejected"], refresh=False)
+
+
+class Rows:
+    """Output rows, one schema for JSONL and Parquet (shards._types): score mode `index, id, predicted, top_k,
+    confidence, label_mass (not for a classification head), abstained, true, true_in_label_set, label_set`; generate
+    mode `index, id, predicted, generated, true, true_in_label_set, label_set`. `predicted` is null when the model
+    abstained (score) or its text named no label (generate)."""
+
+    def __init__(self, labels: list[str], cfg: InferConfig, with_mass: bool = True):
+        self.labels, self.allowed, self.cfg, self.with_mass = labels, set(labels), cfg, with_mass
+        self.k, self.label_set = min(cfg.top_k, len(labels)), label_set_id(labels)
+
+    def known(self, record) -> dict:
+        """The paper's true category (when the input has one) and whether it is in the label set."""
+        in_set = None if not record.primary else record.primary in self.allowed
+        return {"true": record.primary, "true_in_label_set": in_set, "label_set": self.label_set}
+
+    def scored(self, index: int, record, probs, mass) -> dict:
+        top_p, top_i = probs.topk(self.k)
+        top = [[self.labels[i], round(p, 6)] for p, i in zip(top_p.tolist(), top_i.tolist())]
+        confidence = round(float(top_p[0]), 6)  # the row's value decides (a reader can redo the threshold)
+        mass = {"label_mass": float(f"{float(mass):.6g}")} if self.with_mass else {}  # 6 significant digits
+        score = confidence if self.cfg.abstain_on == "confidence" else mass["label_mass"]
+        abstained = bool(self.cfg.abstain_below) and score < self.cfg.abstain_below
+        row = {"index": index, "id": record.id, "predicted": None if abstained else top[0][0], "top_k": top}
+        return row | {"confidence": confidence, **mass, "abstained": abstained, **self.known(record)}
+
+    def generated(self, index: int, record, text: str, label: str | None) -> dict:
+        return {"index": index, "id": record.id, "predicted": label, "generated": text, **self.known(record)}
 
 
 def _count_lines(path) -> int:

@@ -360,6 +360,20 @@ class InferConfig:
     mode: str = option("score", "score every label (probabilities) or generate free text", ("score", "generate"))
     top_k: int = option(3, "with --mode score: how many (label, probability) pairs per paper")
     max_new_tokens: int = option(8, "with --mode generate: tokens generated per paper")
+    temperature: float = option(
+        0.0, "with --mode score: divide label scores by this before the softmax (0 = the run's calibration.json or 1)"
+    )
+    abstain_below: float = option(
+        0.0, "with --mode score: abstain (predicted null, abstained true) when --abstain-on is below this (0 = never)"
+    )
+    abstain_on: str = option(
+        "confidence",
+        "what --abstain-below thresholds: the calibrated top-1 probability, or the mass on the allowed labels",
+        ("confidence", "label_mass"),
+    )
+    quantize: str = option(
+        "none", "CPU only: int8 dynamic quantisation of the linear layers (adapters merged first)", ("none", "int8")
+    )
     batch_size: int = option(16, "papers per forward pass per process", aliases=("per_device_eval_batch_size",))
     window_batches: int = option(64, "batches read ahead and sorted by prompt length (less padding)")
     cpu_threads: int = option(0, "CPU only: torch threads per process (0 = usable cores / local processes)")
@@ -382,6 +396,11 @@ class InferConfig:
         _non_negative(self, "max_seq_tokens", "cpu_threads", "api_min_interval_s")
         if not 0 <= self.max_reject_fraction <= 1:
             raise ValueError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
+        if not 0 <= self.abstain_below <= 1:
+            raise ValueError(f"--abstain-below must be in [0, 1], got {self.abstain_below}")
+        _non_negative(self, "temperature")
+        if self.mode == "generate" and (self.abstain_below or self.temperature or self.quantize != "none"):
+            raise ValueError("--abstain-below, --temperature and --quantize need --mode score (generation: no scores)")
         if self.token_budget and self.token_budget not in BUDGETS:
             raise ValueError(f"--token-budget must be one of {', '.join(BUDGETS)}")
         if Path(self.output).is_dir():

@@ -129,7 +129,8 @@ class ShardedOutput:
         picks, files, offsets = self._merge_order(parts, n_items)
         in_set = set(labels)
         y_true, y_pred, out_of_set, reasons = [], [], Counter(), Counter()
-        n_predicted, n_unfit = 0, 0
+        kept_true, kept_pred = [], []  # in-set papers the model did not abstain on
+        n_predicted, n_unfit, n_abstained, n_abstained_out = 0, 0, 0, 0
         handles = [open(p, "rb") for p in parts]
         rejects_path = self.side("rejects.jsonl")
         rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
@@ -153,11 +154,17 @@ class ShardedOutput:
                         continue
                     writer.write(line, obj)
                     n_predicted += 1
+                    abstained = bool(obj.get("abstained"))
+                    n_abstained += abstained
                     if obj["true"] in in_set:
                         y_true.append(obj["true"])
                         y_pred.append(obj["predicted"] if obj["predicted"] in in_set else None)
+                        if not abstained:
+                            kept_true.append(obj["true"])
+                            kept_pred.append(y_pred[-1])
                     elif obj["true"] is not None:
                         out_of_set[obj["true"]] += 1
+                        n_abstained_out += abstained
                 _sync(rejects)
             writer.close()
         finally:
@@ -173,7 +180,14 @@ class ShardedOutput:
             "n_unfit_counted_wrong": n_unfit,
             "n_true_out_of_label_set": sum(out_of_set.values()),
             "out_of_label_set": dict(out_of_set.most_common(50)),
+            "n_abstained": n_abstained,
+            "n_abstained_true_out_of_label_set": n_abstained_out,
+            # every in-set paper; an abstention counts as wrong
             "metrics": classification_metrics(y_true, y_pred, labels) if y_true else None,
+            # the in-set papers the model answered: the accuracy of what abstention keeps
+            "metrics_answered": classification_metrics(kept_true, kept_pred, labels)
+            if n_abstained and kept_true
+            else None,
         }
 
     def write_summary(self, summary: dict) -> None:
@@ -199,24 +213,44 @@ class _JsonlWriter:
         os.replace(self.tmp, self.out)
 
 
+# Every field a row can have, with its Parquet type (a row holds the fields of its mode: infer.Rows).
+def _types(pa) -> dict:
+    top_k = pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))
+    return {
+        "index": pa.int64(),
+        "id": pa.string(),
+        "predicted": pa.string(),
+        "top_k": top_k,
+        "confidence": pa.float64(),
+        "label_mass": pa.float64(),
+        "abstained": pa.bool_(),
+        "generated": pa.string(),
+        "true": pa.string(),
+        "true_in_label_set": pa.bool_(),
+        "label_set": pa.string(),
+    }
+
+
 class _ParquetWriter:
-    """Merged Parquet: top-k as parallel label/probability lists; written in row groups of 50,000."""
+    """Merged Parquet: the rows' own fields, in their order (top_k as a list of {label, probability}); written in row
+    groups of 50,000."""
 
     def __init__(self, out: Path):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.pa, self.out, self.tmp, self.rows = pa, out, out.with_name(out.name + ".tmp"), []
-        fields = [("index", pa.int64()), ("id", pa.string()), ("predicted", pa.string()), ("true", pa.string())]
-        fields += [("top_k_labels", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float64()))]
-        fields += [("generated", pa.string())]
-        self.schema = pa.schema(fields)
-        self.fh = pq.ParquetWriter(self.tmp, self.schema)
+        self.pa, self.pq, self.out, self.tmp, self.rows = pa, pq, out, out.with_name(out.name + ".tmp"), []
+        self.schema, self.fh = None, None
 
     def write(self, line: bytes, obj: dict) -> None:
-        top = obj["top_k"] or []
-        row = {k: obj.get(k) for k in ("index", "id", "predicted", "true", "generated")}
-        self.rows.append(row | {"top_k_labels": [t[0] for t in top], "top_k_probs": [t[1] for t in top]})
+        if self.schema is None:  # every row of one output has the same fields (one mode, one model)
+            types = _types(self.pa)
+            self.schema = self.pa.schema([(name, types[name]) for name in obj])
+            self.fh = self.pq.ParquetWriter(self.tmp, self.schema)
+        row = dict(obj)
+        if row.get("top_k") is not None:
+            row["top_k"] = [{"label": label, "probability": p} for label, p in row["top_k"]]
+        self.rows.append(row)
         if len(self.rows) >= 50_000:
             self._flush()
 
@@ -226,6 +260,10 @@ class _ParquetWriter:
             self.rows = []
 
     def close(self) -> None:
+        if self.fh is None:  # no row at all: an empty file with the score mode's fields
+            types = _types(self.pa)
+            self.schema = self.pa.schema([(n, t) for n, t in types.items() if n != "generated"])
+            self.fh = self.pq.ParquetWriter(self.tmp, self.schema)
         self._flush()
         self.fh.close()
         with open(self.tmp, "rb") as fh:

@@ -244,7 +244,7 @@ def test_generate_mode(tmp_path, tiny_model_dir):
     got = read_jsonl(out)
     assert [g["id"] for g in got] == [r.id for r in rec.read_records(papers)]
     for g in got:  # a random model's text rarely names a label: predicted is then null, and counted as wrong
-        assert isinstance(g["generated"], str) and g["top_k"] is None
+        assert isinstance(g["generated"], str) and "top_k" not in g and "confidence" not in g
         assert g["predicted"] is None or g["predicted"] in rec.read_labels(LABELS)
     assert summary["metrics"]["unparsed"] == sum(g["predicted"] is None for g in got)
 
@@ -280,8 +280,8 @@ def test_model_dir_reproduces_labels_template_and_scores(tmp_path, trained_dir, 
     table = pq.read_table(out).to_pylist()
     assert [row["id"] for row in table] == [r.id for r in records]
     for row, p in zip(table, probs):
-        assert row["predicted"] == saved["labels"][int(p.argmax())] and len(row["top_k_labels"]) == 3
-        assert abs(row["top_k_probs"][0] - float(p.max())) < PROB_TOL
+        assert row["predicted"] == saved["labels"][int(p.argmax())] and len(row["top_k"]) == 3
+        assert abs(row["top_k"][0]["probability"] - float(p.max())) < PROB_TOL
 
 
 def test_model_dir_refuses_drift_and_unknown_templates(tmp_path, trained_dir):
@@ -436,3 +436,97 @@ def test_resume_refuses_an_input_changed_with_the_same_size(tmp_path, tiny_model
     with pytest.raises(SystemExit, match="different input"):
         run(argv)
     assert out.read_bytes() == before
+
+
+def test_abstention_flags_and_one_schema_for_jsonl_and_parquet(tmp_path, tiny_model_dir):
+    """Rows say whether the true category is in the label set, how sure the model is (calibrated top-1 probability,
+    mass on the allowed labels), and abstain below the threshold; JSONL and Parquet carry the same fields."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    papers = write_papers(tmp_path / "papers.jsonl", 8)
+    outside = [good(f"m{i}", "math.CO") for i in range(3)]  # real papers' fields, a category the model cannot answer
+    with open(papers, "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(x) + "\n" for x in outside)
+    plain = run(zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(tmp_path / "plain.jsonl")))
+    rows = read_jsonl(tmp_path / "plain.jsonl")
+    threshold = sorted(r["confidence"] for r in rows)[5]  # abstain on the 5 least sure papers
+    summaries = {}
+    for name in ("a.jsonl", "a.parquet"):
+        argv = zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(tmp_path / name))
+        summaries[name] = run([*argv, "--abstain-below", str(threshold)])
+    jsonl, parquet = read_jsonl(tmp_path / "a.jsonl"), pq.read_table(tmp_path / "a.parquet").to_pylist()
+
+    fields = ["index", "id", "predicted", "top_k", "confidence", "label_mass", "abstained", "true"]
+    assert list(jsonl[0]) == list(parquet[0]) == [*fields, "true_in_label_set", "label_set"]
+    for j, p, r in zip(jsonl, parquet, rows):
+        assert p["top_k"] == [{"label": label, "probability": prob} for label, prob in j["top_k"]]
+        assert {k: v for k, v in p.items() if k != "top_k"} == {k: v for k, v in j.items() if k != "top_k"}
+        assert j["confidence"] == r["confidence"] == j["top_k"][0][1] and 0 < j["label_mass"] <= 1
+        assert j["abstained"] == (r["confidence"] < threshold) and not r["abstained"]
+        assert j["predicted"] == (None if j["abstained"] else r["predicted"])
+        assert j["true_in_label_set"] == (j["true"] != "math.CO")
+    n_abstained = sum(j["abstained"] for j in jsonl)
+    assert n_abstained == 5 and plain["n_abstained"] == 0 and plain["metrics_answered"] is None
+    s = summaries["a.jsonl"]
+    assert s["n_abstained"] == 5 and s["n_true_out_of_label_set"] == 3
+    assert s["n_abstained_true_out_of_label_set"] == sum(j["abstained"] and not j["true_in_label_set"] for j in jsonl)
+    answered = [j for j in jsonl if j["true_in_label_set"] and not j["abstained"]]
+    assert s["metrics_answered"]["n"] == len(answered)
+    assert s["metrics_answered"]["accuracy"] == pytest.approx(
+        sum(j["predicted"] == j["true"] for j in answered) / len(answered)
+    )
+    # An abstention counts as wrong over every in-set paper.
+    in_set = [j for j in jsonl if j["true_in_label_set"]]
+    assert s["metrics"]["accuracy"] == pytest.approx(sum(j["predicted"] == j["true"] for j in in_set) / len(in_set))
+    with pytest.raises(SystemExit, match="different abstain"):
+        argv = zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(tmp_path / "a.jsonl"))
+        run([*argv, "--abstain-below", "0.9"])
+
+
+def test_temperature_divides_the_label_scores(tmp_path, tiny_model_dir):
+    papers = write_papers(tmp_path / "papers.jsonl", 6)
+    got = {}
+    for t in ("1", "0.25"):
+        out = tmp_path / f"t{t}.jsonl"
+        argv = zero_shot(tiny_model_dir, "--input", str(papers), "--output", str(out), "--top-k", "21")
+        run([*argv, "--temperature", t])
+        got[t] = read_jsonl(out)
+    for a, b in zip(got["1"], got["0.25"]):
+        p = torch.tensor([prob for _, prob in sorted(a["top_k"])], dtype=torch.float64)
+        want = torch.softmax(p.log() / 0.25, -1)  # softmax(log softmax(s) / T) = softmax(s / T)
+        q = torch.tensor([prob for _, prob in sorted(b["top_k"])], dtype=torch.float64)
+        assert torch.allclose(q, want, atol=2e-5) and a["predicted"] == b["predicted"]
+        assert a["label_mass"] == b["label_mass"]  # the mass is the model's, not the temperature's
+
+
+def test_int8_scorer_agrees_with_fp32(tmp_path, trained_dir):
+    """int8 dynamic quantisation (adapter merged first) keeps the labels: probabilities within 0.02, and the same
+    top label wherever fp32's top two labels are more than 0.02 apart."""
+    papers = write_papers(tmp_path / "papers.jsonl", 24, ASSETS / "cs-validation-sample.jsonl")
+    got = {}
+    for q in ("none", "int8"):
+        out = tmp_path / f"{q}.jsonl"
+        argv = ["--model-dir", str(trained_dir), "--input", str(papers), "--output", str(out), "--progress", "false"]
+        run([*argv, "--quantize", q, "--top-k", "21"])
+        got[q] = read_jsonl(out)
+    assert json.loads((tmp_path / "int8.jsonl.run.json").read_text())["quantize"] == "int8"
+    for a, b in zip(got["none"], got["int8"]):
+        pa, pb = dict(a["top_k"]), dict(b["top_k"])
+        assert max(abs(pa[k] - pb[k]) for k in pa) < 0.02
+        if a["top_k"][0][1] - a["top_k"][1][1] > 0.02:
+            assert a["predicted"] == b["predicted"]
+    with pytest.raises(SystemExit, match="CPU path"):
+        run([*argv, "--quantize", "int8", "--dtype", "bf16", "--output", str(tmp_path / "bf16.jsonl")])
+
+
+def test_calibrate_fits_on_validation_and_infer_applies_it(tmp_path, trained_dir):
+    from arxiv_ft import calibration
+
+    folder = tmp_path / "run"
+    shutil.copytree(trained_dir, folder)
+    result = calibration.calibrate(cfglib.parse_config(calibration.CalibrateConfig, ["--model-dir", str(folder)], ""))
+    saved = json.loads((folder / "calibration.json").read_text())
+    assert saved == result and saved["n"] == 21 and saved["nll_after"] <= saved["nll_before"] + 1e-9
+    papers = write_papers(tmp_path / "papers.jsonl", 4)
+    out = tmp_path / "preds.jsonl"
+    run(["--model-dir", str(folder), "--input", str(papers), "--output", str(out), "--progress", "false"])
+    assert json.loads((tmp_path / "preds.jsonl.run.json").read_text())["temperature"] == saved["temperature"]

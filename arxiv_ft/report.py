@@ -15,7 +15,6 @@ row of its own, seed for seed. Differences between groups get a hierarchical boo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -90,11 +89,44 @@ def _diff(after, before):
     return None if after is None or before is None else after - before
 
 
+# Files named in a config: compared by name (the same shipped file in two checkouts is the same data).
+_FILE_KEYS = ("train_file", "eval_file", "test_file", "labels", "kl_text")
+# Options that only mean something under one objective: an old ledger lacks them, a new one records their defaults.
+_OBJECTIVE_KEYS = {"kl-regularised": ("kl_beta", "kl_text", "kl_windows", "kl_window_tokens")}
+
+
+def comparable_config(ledger: dict) -> dict:
+    """The config as it decides the numbers: per-run keys dropped, files by name (test_file `auto` by the file it
+    chose), options of an objective the run did not use dropped."""
+    config = {k: v for k, v in ledger["config"].items() if k not in _PER_RUN_KEYS}
+    if config.get("test_file") == "auto":
+        config["test_file"] = (ledger.get("data") or {}).get("test_file") or ""
+    for key in _FILE_KEYS:
+        if isinstance(config.get(key), str) and "/" in config[key]:
+            config[key] = Path(config[key]).name
+    for objective, keys in _OBJECTIVE_KEYS.items():
+        if config.get("objective") != objective:
+            config = {k: v for k, v in config.items() if k not in keys}
+    return config
+
+
 def group_key(ledger: dict) -> str:
     """Runs that differ only in seed share a key: method, model, data sizes and the rest of the config."""
-    config = {k: v for k, v in ledger["config"].items() if k not in _PER_RUN_KEYS}
-    ident = [ledger["method"], ledger["model"], ledger["data"]["n_train"], ledger["data"]["n_eval"], config]
-    return json_digest(ident)[:8]
+    ident = [ledger["method"], ledger["model"], ledger["data"]["n_train"], ledger["data"]["n_eval"]]
+    return json_digest([*ident, comparable_config(ledger)])[:8]
+
+
+# What a run's own TF-IDF fit depends on: its training papers and, reading the LLM's text, the prompt's budget.
+_BASELINE_KEYS = ("train_file", "train_per_class", "eval_file", "eval_per_class", "test_file", "test_per_class")
+_BASELINE_KEYS += ("labels", "template", "max_seq_tokens", "token_budget")
+
+
+def baseline_key(ledger: dict, entry: str) -> str:
+    """Runs of different methods with the same seed fit the same TF-IDF on the same papers: one group (and one row
+    per seed, see build_report), not one per method."""
+    config = comparable_config(ledger)
+    keep = _BASELINE_KEYS if entry == "tfidf_tuned" else _BASELINE_KEYS[:7]
+    return json_digest([entry, ledger["data"]["n_train"], {k: config.get(k) for k in keep}])[:8]
 
 
 def scored_section(ledger: dict, split: str) -> dict:
@@ -133,7 +165,7 @@ def in_run_baseline_rows(ledger: dict, split: str) -> list[dict]:
             "method": "tfidf-svm",
             "seed": ledger["seed"],
             "model": label,
-            "group": hashlib.sha256((group_key(ledger) + entry).encode()).hexdigest()[:8],
+            "group": baseline_key(ledger, entry),
             "n_train": ledger["data"]["n_train"],
             "n_eval": scores["n"],
             "acc_after": scores["accuracy"],
@@ -162,7 +194,7 @@ def run_row(ledger: dict, price_per_device_hour: float | None = None, split: str
         "seed": ledger["seed"],
         "model": ledger["model"],
         "group": group_key(ledger),
-        "config": {k: v for k, v in ledger["config"].items() if k not in _PER_RUN_KEYS},
+        "config": comparable_config(ledger),
         "n_train": ledger["data"]["n_train"],
         "n_eval": after.get("n", ledger["data"]["n_eval"]),
         "acc_before": before["accuracy"] if before else None,
@@ -836,7 +868,10 @@ def build_report(
     order = method_order()
     split = choose_split(ledgers, split)
     made = [run_row(d, price_per_device_hour, split) for d in ledgers]
-    made += [row for d in ledgers for row in in_run_baseline_rows(d, split)]
+    baselines = {}  # the same seed's TF-IDF fit, made again by each method's run: one row
+    for row in (row for d in ledgers for row in in_run_baseline_rows(d, split)):
+        baselines.setdefault((row["group"], row["seed"]), row)
+    made += baselines.values()
     rows = sorted(made, key=lambda r: (order.get(r["method"], len(order)), r["group"], r["seed"], r["run_id"]))
     groups = aggregate(rows)
     with tqdm(total=4, desc="report", unit="part", leave=False) as bar:

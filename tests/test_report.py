@@ -123,3 +123,22 @@ def test_groups_are_named_by_the_settings_that_differ_and_unequal_paper_counts_a
     assert distinguishing_settings(many, plain)["a"] == "w=1, x=1, y=1, … (cfg a)"
     assert "scored on different numbers of papers (21, 210)" in scores_line([{"n_eval": 21}, {"n_eval": 210}], "test")
     assert "different numbers" not in scores_line([{"n_eval": 210}, {"n_eval": 210}], "test")
+
+
+def test_runs_of_two_checkouts_group_together_and_each_seed_has_one_tfidf_row(tmp_path):
+    """Real ledgers: QLoRA seeds 10 and 11 ran from two checkouts (other absolute paths) and at two code versions (the
+    second records the KL penalty's options, unused by its objective): one group, not two. Full and QLoRA seed 10
+    fitted the same TF-IDF on the same papers: one row for seed 10, not one per method."""
+    frontiers = ROOT / "docs" / "results" / "frontiers" / "ledgers"
+    q10, q11, f10 = (
+        json.loads((frontiers / f"{name}.json").read_text())
+        for name in ("qlora-lr2e-3-seed10", "qlora-lr2e-3-seed11", "full-lr2e-4-seed10")
+    )
+    assert q10["config"]["train_file"] != q11["config"]["train_file"] and "kl_beta" in q11["config"]
+    assert report.group_key(q10) == report.group_key(q11) != report.group_key(f10)
+    for entry in report.IN_RUN_BASELINES:
+        assert report.baseline_key(q10, entry) == report.baseline_key(f10, entry)
+    ledgers = [str(frontiers / f"{name}.json") for name in ("qlora-lr2e-3-seed10", "qlora-lr2e-3-seed11")]
+    summary = report.main([*ledgers, str(frontiers / "full-lr2e-4-seed10.json"), "--out", str(tmp_path)])
+    tfidf = [g for g in summary["groups"] if g["method"] == "tfidf-svm"]
+    assert len(tfidf) == 2 and all(g["seeds"] == [10, 11] for g in tfidf)

@@ -123,3 +123,31 @@ def test_a_label_set_too_large_to_score_is_refused_before_the_model_loads(
     argv = ["--model", tiny_model_dir, "--output-dir", str(tmp_path / "run"), *FAST_TRAIN]
     with pytest.raises(SystemExit, match=r"scoring 21 labels at --eval-batch-size 21 needs .*use fewer labels"):
         run_train(argv)
+
+
+def test_every_arxiv_category_is_scored_in_one_trie_forward(tokenizer):
+    """The every-category task's 58 labels plus the 79 categories it leaves out: all 137 primaries of the shared dump.
+    Scored as one trie continuation (two forwards per batch whatever the number of labels), equal to one full forward
+    per label; the trie shares prefixes (`math.`, `cond-mat.`, `astro-ph.`) instead of growing as labels x tokens."""
+    from arxiv_ft.scoring import trie_nodes
+    from tests.conftest import ROOT
+
+    folder = ROOT / "data" / "all-arxiv"
+    labels = (folder / "labels.txt").read_text().split()
+    others = [line.split("\t")[0] for line in (folder / "other-categories.txt").read_text().splitlines()]
+    every = sorted(labels + others)
+    assert len(labels) == 58 and len(every) == 137
+    builder = PromptBuilder(tokenizer, get_template("arxiv-v1"), every, max_seq_tokens=2000)
+    nodes, flat = trie_nodes(builder), sum(len(t) - 1 for t in builder.label_targets.values())
+    assert nodes < 0.6 * flat, (nodes, flat)
+    model = make_tiny_llama(tokenizer, seed=3)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    prompts = [builder.prompt_ids(Record(str(i), f"Title {i}", "Abstract " * i, ("cs.LG",))) for i in (1, 9)]
+    scores = LabelScorer(model, builder, tokenizer.pad_token_id).score_prompts(prompts)
+    assert scores.shape == (2, 137) and len(calls) == 3  # the shared prefix, the papers, the label trie
+    sample = every[::9]  # one full forward per label is slow at this prompt length: 16 labels across the set
+    targets_only = PromptBuilder(tokenizer, get_template("arxiv-v1"), sample, max_seq_tokens=2000)  # same targets
+    want = naive_scores(model, targets_only, prompts[1])  # over the 137-label prompt
+    got = torch.stack([scores[1, every.index(x)] for x in sample])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

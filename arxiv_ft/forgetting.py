@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from arxiv_ft.config import option
 from arxiv_ft.data import left_pad
 from arxiv_ft.fileio import cached_json, file_digest, json_digest
+from arxiv_ft.options import ASSETS
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 # Bump when anything that changes the numbers changes: templates, tokenisation, window rule, item selection.
 PROBE_VERSION = 2  # 2: windows spread over the whole text, per-window NLL kept for intervals
 

@@ -23,14 +23,16 @@ class Objective:
     name: str = "answer-tokens"
     help: str = "mean cross-entropy over the answer tokens (label + end-of-turn)"
     whole_prompts: bool = False  # scores every label from the prompt alone: collates prompts, cannot pack
+    no_packing: str = ""  # why this objective cannot take --packing ("" = it can, unless whole_prompts)
     needs_prefix_cache: bool = False  # continues from the prompt's KV cache: no gradient checkpointing
     trie_in_training: bool = False  # every training step runs the label trie (its memory grows with the labels)
     scores_with_head: bool = False  # evaluation reads a classification head instead of scoring the label trie
 
     def check(self, cfg) -> None:
         """Refuse the options this objective cannot honour (before anything loads)."""
-        if self.whole_prompts and cfg.packing:
-            raise ValueError(f"--objective {self.name} scores whole prompts: it does not take --packing")
+        reason = "scores whole prompts" if self.whole_prompts else self.no_packing
+        if reason and cfg.packing:
+            raise ValueError(f"--objective {self.name} {reason}: it does not take --packing")
         if self.needs_prefix_cache and cfg.gradient_checkpointing:
             raise ValueError(f"--objective {self.name} continues from the prompt's KV cache: no checkpointing")
 
@@ -60,10 +62,7 @@ class DecisionWeighted(Objective):
     name: str = "decision-weighted"
     help: str = "the same with the label-deciding token(s) weighted by --decision-weight"
 
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        if cfg.packing:  # packed rows carry no per-token weights: the weighting would be dropped silently
-            raise ValueError(f"--objective {self.name} weights tokens of padded rows: it does not take --packing")
+    no_packing: str = "weights tokens of padded rows"  # packed rows carry no per-token weights
 
     def collate(self, cfg, pad_id: int, n_prefix: int, builder) -> Callable:
         from arxiv_ft.data import collate_left_padded
@@ -126,10 +125,7 @@ class KLRegularised(Objective):
     name: str = "kl-regularised"
     help: str = "the answer tokens + --kl-beta x KL(base || model) on general text (--kl-text), a forgetting penalty"
 
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        if cfg.packing:
-            raise ValueError(f"--objective {self.name} adds general text to padded batches: it does not take --packing")
+    no_packing: str = "adds general text to padded batches"
 
     def build(self, cfg, model, builder, labels: list[str], prefix: list[int], device):
         import copy

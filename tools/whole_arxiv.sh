@@ -13,7 +13,7 @@ mkdir -p "$W"
 # The default recipe (README command 1's model); its probes, zero-shot pass and TF-IDF fits are measured elsewhere
 # (docs/results/default-run), and its test papers are scored below.
 [ -f "$RUN/ledger.json" ] || "$PY" -m arxiv_ft.train --output-dir "$RUN" --probes false --eval-before false \
-  --tfidf-baseline false --test-per-class 0 "${T[@]}" > "$W/train.log" 2>&1
+  --tfidf-baseline false --test-file '' "${T[@]}" > "$W/train.log" 2>&1
 "$PY" -m arxiv_ft.cli calibrate --model-dir "$RUN" "${T[@]}"
 [ -f "$W/slice.jsonl" ] || "$PY" tools/whole_arxiv.py slice --out "$W/slice.jsonl"
 score() {  # output input [infer options]

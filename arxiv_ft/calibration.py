@@ -113,6 +113,11 @@ class CalibrateConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
+def papers_file(cfg: CalibrateConfig, run) -> str:
+    """The file T is fitted on (recorded as `selected_on`: a test checks no committed one is a test split)."""
+    return cfg.input or str(run.config().get("eval_file", ""))
+
+
 def validation_papers(cfg: CalibrateConfig, run) -> list:
     """The papers to fit T on: --input, else the validation papers the run was evaluated on (its eval file, sampled
     as train sampled it); never its test papers."""
@@ -155,7 +160,7 @@ def calibrate(cfg: CalibrateConfig) -> dict:
         "nll_after": nll(scores, y, temperature),
         "ece_before": expected_calibration_error(before, y),
         "ece_after": expected_calibration_error(after, y),
-        "papers": cfg.input or "the run's validation papers",
+        "selected_on": papers_file(cfg, run),
     }
     write_json(Path(run.path) / CALIBRATION, result)
     logger.info(

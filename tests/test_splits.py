@@ -50,6 +50,8 @@ def _selection_problems(result: dict, test_ids: set[str]) -> list[str]:
         missing = [r["run"] for r in result["runs"] if "eval_file" not in r]
         used = [r["run"] for r in result["runs"] if _names_test_file(r.get("eval_file"))]
         return [f"{run}: no eval_file recorded" for run in missing] + [f"{run}: selected on test" for run in used]
+    if "selected_on" in result:  # calibration.json, whole-arxiv results: the file its choices (T) were fitted on
+        return ["selected on the test split"] if _names_test_file(result["selected_on"]) else []
     if {"train_file", "eval_file", "method"} <= set(result):  # a run's train_config.json
         return ["eval_file is the test split"] if _names_test_file(result["eval_file"]) else []
     return ["unknown result file: it must say which papers it was selected on"]

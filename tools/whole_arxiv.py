@@ -189,6 +189,7 @@ def analyse(args) -> None:
     rows = read_jsonl(args.slice)
     summary = json.loads(Path(args.slice + ".summary.json").read_text())
     result = {
+        "selected_on": json.loads((run / "calibration.json").read_text())["selected_on"],  # where T was fitted
         "temperature": temperature,
         "slice": {
             "input": summary["n_items"],

@@ -50,35 +50,19 @@ def fit_temperature(log_likelihoods: torch.Tensor, y: torch.Tensor, lo: float = 
 
 
 def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    """ECE of the top-1 probability: equal-width bins over (0, 1], |accuracy - mean confidence| weighted by size."""
-    confidence, predicted = probs.max(dim=-1)
-    correct = (predicted == y).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            ece += float(inside.double().mean() * (correct[inside].mean() - confidence[inside].double().mean()).abs())
-    return ece
+    """ECE of the top-1 probability, as train's evaluation computes it (the `evaluate` metric's `calibration`)."""
+    from arxiv_ft.evaluation.arxiv_classification import calibration
+
+    return calibration(probs.double().tolist(), y.numpy(), probs.shape[-1], bins)["ece"]
 
 
 def auroc(positive: list[float], negative: list[float]) -> float:
-    """P(a positive's score > a negative's), ties counting half (the Mann-Whitney U statistic over n+ n-)."""
+    """P(a positive's score > a negative's), ties counting half (scikit-learn's ROC AUC, positives labelled 1)."""
+    from sklearn.metrics import roc_auc_score
+
     if not positive or not negative:
         raise ValueError("AUROC needs at least one score on each side")
-    scores = torch.tensor(list(positive) + list(negative), dtype=torch.float64)
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    n_pos, n_neg = len(positive), len(negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score([1] * len(positive) + [0] * len(negative), list(positive) + list(negative)))
 
 
 def risk_coverage(confidence: list[float], correct: list[bool], points: int = 20) -> list[dict]:

@@ -310,7 +310,7 @@ def load_classifier(cfg: InferConfig, spec: InferTask, device, dtype):
     """The model to classify with: a run folder's, or a base model (zero-shot)."""
     from arxiv_ft.classifier import Classifier
     from arxiv_ft.data import PromptBuilder
-    from arxiv_ft.modeling import ModelSource, load_model, load_tokenizer, model_config
+    from arxiv_ft.modeling import ModelSource, load_model, load_tokenizer, model_config, quantize_int8
     from arxiv_ft.scoring import check_scoring_memory
 
     run = spec.run
@@ -333,27 +333,6 @@ def load_classifier(cfg: InferConfig, spec: InferTask, device, dtype):
     if cfg.quantize == "int8":
         model = quantize_int8(model, device, dtype)
     return Classifier(model.to(device).eval(), tokenizer, builder, head, spec.temperature)
-
-
-def quantize_int8(model, device, dtype):
-    """int8 dynamic quantisation of every linear layer (weights int8 per tensor, activations quantised on the fly):
-    a CPU path (fbgemm/onednn kernels). Adapters are merged into their base first, so the quantised model is one
-    plain model; a 4-bit QLoRA base is refused (merge it with `arxiv-ft merge` first)."""
-    import warnings
-
-    import torch
-
-    if torch.device(device).type != "cpu" or dtype != torch.float32:
-        raise SystemExit(f"--quantize int8 is a CPU path for fp32 weights (this run: {device}, {dtype})")
-    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
-        raise SystemExit("--quantize int8: the model is already quantised (QLoRA): `arxiv-ft merge` it first")
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    with warnings.catch_warnings():  # torch.ao's dynamic quantisation warns that it will move to torchao
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def expand_inputs(spec: str):

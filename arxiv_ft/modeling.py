@@ -573,3 +573,24 @@ def estimate_memory(
     else:
         weight_bytes = n_params * size
     return MemoryEstimate(n_params, adapters, weight_bytes, adapters * 4, adapters * 4, adapters * 8)
+
+
+def quantize_int8(model, device, dtype):
+    """int8 dynamic quantisation of every linear layer (weights int8 per tensor, activations quantised on the fly):
+    a CPU path (fbgemm/onednn kernels). Adapters are merged into their base first, so the quantised model is one
+    plain model; a 4-bit QLoRA base is refused (merge it with `arxiv-ft merge` first)."""
+    import warnings
+
+    import torch
+
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        raise SystemExit(f"--quantize int8 is a CPU path for fp32 weights (this run: {device}, {dtype})")
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise SystemExit("--quantize int8: the model is already quantised (QLoRA): `arxiv-ft merge` it first")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with warnings.catch_warnings():  # torch.ao's dynamic quantisation warns that it will move to torchao
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)

@@ -116,16 +116,16 @@ def group_key(ledger: dict) -> str:
     return json_digest([*ident, comparable_config(ledger)])[:8]
 
 
-# What a run's own TF-IDF fit depends on: its training papers and, reading the LLM's text, the prompt's budget.
-_BASELINE_KEYS = ("train_file", "train_per_class", "eval_file", "eval_per_class", "test_file", "test_per_class")
-_BASELINE_KEYS += ("labels", "template", "max_seq_tokens", "token_budget")
+# What a run's own TF-IDF fit depends on: its papers and, reading the LLM's text, the prompt that cuts that text.
+_PAPER_KEYS = ("train_file", "train_per_class", "eval_file", "eval_per_class", "test_file", "test_per_class", "labels")
+_PROMPT_KEYS = ("template", "max_seq_tokens", "token_budget")
 
 
 def baseline_key(ledger: dict, entry: str) -> str:
     """Runs of different methods with the same seed fit the same TF-IDF on the same papers: one group (and one row
     per seed, see build_report), not one per method."""
     config = comparable_config(ledger)
-    keep = _BASELINE_KEYS if entry == "tfidf_tuned" else _BASELINE_KEYS[:7]
+    keep = _PAPER_KEYS + (_PROMPT_KEYS if entry == "tfidf_tuned" else ())
     return json_digest([entry, ledger["data"]["n_train"], {k: config.get(k) for k in keep}])[:8]
 
 

@@ -7,8 +7,11 @@
 All three go through one `arxiv_ft.classifier.Classifier` (the object infer.py and train.py's evaluation use), on
 the same papers (`--per-class` of each label from the validation sample), prompt and model: `score` =
 `Classifier.predict` (length-sorted batches, the shared prefix once per batch, every label from one forward of the
-label trie); `generate` = `Classifier.generate` (batched greedy, left padding, parsed); `loop` = the same generate
-one paper at a time (what the tutorial does). Prompt building is inside every timing.
+label trie); `score_merged` = the same with a LoRA adapter merged into its fp32 base; `score_int8` = the same on
+int8 dynamic quantisation of every linear layer (`infer.py --quantize int8`, CPU); `generate` = `Classifier.generate`
+(batched greedy, left padding, parsed); `loop` = the same generate one paper at a time (what the tutorial does).
+Prompt building is inside every timing. Every method's answers are compared paper by paper with `score`'s
+(agreement, and the accuracy difference with a 95% bootstrap interval over the papers).
 
 MFU of scoring counts model FLOPs per paper: 2 x (non-embedding parameters) per prompt token and per label-trie token,
 2 x hidden x vocab for each position whose logits are computed (1 + trie tokens), and attention 4 x layers x
@@ -31,7 +34,7 @@ import torch
 from arxiv_ft.classifier import Classifier
 from arxiv_ft.modeling import count_parameters, set_cpu_threads
 
-METHODS = ("score", "generate", "loop")
+METHODS = ("score", "score_merged", "score_int8", "generate", "loop")
 
 
 def load(args) -> Classifier:
@@ -80,6 +83,33 @@ def accuracy(records, predicted: list[str | None], labels: list[str]) -> dict:
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "unparsed": m["unparsed"]}
 
 
+def variant(clf: Classifier, method: str) -> Classifier:
+    """`clf` itself, or a copy of it with the adapter merged (`score_merged`) or int8-quantised (`score_int8`)."""
+    if method not in ("score_merged", "score_int8"):
+        return clf
+    import copy
+
+    from arxiv_ft.modeling import quantize_int8
+
+    model = copy.deepcopy(clf.model)
+    if method == "score_int8":
+        model = quantize_int8(model, clf.model.device, clf.model.dtype)
+    elif hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return Classifier(model.eval(), clf.tokenizer, clf.builder, clf.head, clf.temperature)
+
+
+def paired_difference(records, predicted: list, reference: list) -> dict:
+    """Agreement with the reference method and accuracy(predicted) - accuracy(reference) on the same papers, with a
+    95% bootstrap interval over the papers."""
+    from arxiv_ft.stats import bootstrap_mean
+
+    truth = [r.primary for r in records]
+    diff = bootstrap_mean([(p == t) - (q == t) for p, q, t in zip(predicted, reference, truth)])
+    agree = sum(p == q for p, q in zip(predicted, reference)) / len(predicted)
+    return {"agreement_with_score": agree, "accuracy_minus_score": diff["value"], "ci95": list(diff["ci95"])}
+
+
 def measure(clf: Classifier, records, args, methods, deadline: common.Deadline | None = None) -> dict:
     """Time each method on `records` (after untimed warm-up runs): papers/s, accuracy, peak memory (reset before
     each timed run; CUDA: allocated, CPU: RSS) and scoring's model FLOPs.
@@ -88,27 +118,35 @@ def measure(clf: Classifier, records, args, methods, deadline: common.Deadline |
     from arxiv_ft.metrics import peak_flops, peak_memory_bytes
 
     device, bs = clf.model.device, args.batch_size
+    if device.type != "cpu" or clf.model.dtype != torch.float32:
+        methods = [m for m in methods if m != "score_int8"]  # a CPU path for fp32 weights
     runs = {
-        "score": lambda rs: [p["label"] if p else None for p in clf.predict(rs, top_k=1, batch_size=bs)],
-        "generate": lambda rs: [g[1] if g else None for g in clf.generate(rs, bs, args.max_new_tokens)],
-        "loop": lambda rs: [g[1] if g else None for r in rs for g in clf.generate([r], 1, args.max_new_tokens)],
+        "score": lambda c, rs: [p["label"] if p else None for p in c.predict(rs, top_k=1, batch_size=bs)],
+        "generate": lambda c, rs: [g[1] if g else None for g in c.generate(rs, bs, args.max_new_tokens)],
+        "loop": lambda c, rs: [g[1] if g else None for r in rs for g in c.generate([r], 1, args.max_new_tokens)],
     }
-    results = {}
+    runs["score_merged"] = runs["score_int8"] = runs["score"]
+    results, answers = {}, {}
     for method in methods:
         if deadline is not None and deadline.left() < 5:
             results[method] = {"status": f"skipped: time budget spent ({deadline.left():.0f} s left)"}
             continue
+        run, c = runs[method], variant(clf, method)
         with torch.no_grad():
             for _ in range(args.warmup):
-                runs[method](records[: 1 if method == "loop" else bs])
+                run(c, records[: 1 if method == "loop" else bs])
             common.reset_peak_memory(device)
             started = time.perf_counter()
-            predicted = runs[method](records)
+            predicted = run(c, records)
             common.sync(device)
             seconds = time.perf_counter() - started
         results[method] = {"status": "ok", "papers": len(records), "seconds": seconds}
         results[method]["peak_memory_bytes"] = peak_memory_bytes(device)
         results[method].update(papers_per_s=len(records) / seconds, **accuracy(records, predicted, clf.labels))
+        answers[method] = predicted
+        if "score" in answers:
+            results[method].update(paired_difference(records, predicted, answers["score"]))
+        del c
         print(f"{method}: {seconds:.2f} s, {len(records) / seconds:.2f} papers/s", file=sys.stderr, flush=True)
     if results.get("score", {}).get("status") == "ok":
         prompt_lengths = [len(p) for p in clf.prompts(records) if p is not None]
@@ -126,20 +164,23 @@ def measure(clf: Classifier, records, args, methods, deadline: common.Deadline |
 
 
 def report(args, results: dict, machine: dict) -> None:
-    header = "method papers seconds papers/s accuracy unparsed scoring_speedup TFLOP/s MFU".split()
+    header = "method papers seconds papers/s x_score accuracy acc_minus_score_ci95 agree unparsed TFLOP/s MFU".split()
     rows = []
     for method, r in results.items():
         if r["status"] != "ok":
-            rows.append([method, *["—"] * 8])
+            rows.append([method, *["—"] * (len(header) - 1)])
             continue
-        row = [method, str(r["papers"]), f"{r['seconds']:.2f}", f"{r['papers_per_s']:.2f}"]
-        row += [common.fmt(r["accuracy"], ".3f"), str(r["unparsed"]), common.fmt(r.get("scoring_speedup"), ".2fx")]
+        ratio = r.get("scoring_speedup") and 1 / r["scoring_speedup"]
+        row = [method, str(r["papers"]), f"{r['seconds']:.2f}", f"{r['papers_per_s']:.2f}", common.fmt(ratio, ".2fx")]
+        ci = r.get("ci95")
+        diff = ci and f"{100 * r['accuracy_minus_score']:+.1f} pp [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+        row += [common.fmt(r["accuracy"], ".3f"), diff or "—", common.fmt(r.get("agreement_with_score"), ".3f")]
         mfu = r.get("mfu") and 100 * r["mfu"]
-        row += [common.fmt(r.get("achieved_tflops"), ".4f"), common.fmt(mfu, ".1f%")]
+        row += [str(r["unparsed"]), common.fmt(r.get("achieved_tflops"), ".4f"), common.fmt(mfu, ".1f%")]
         rows.append(row)
     model = args.model_dir or common.describe_model(args)
     print(f"\nmodel {model}, batch {args.batch_size}, {machine['device']}, max_new_tokens {args.max_new_tokens}\n")
-    print(common.markdown_table(header, rows, right=set(range(1, 9))))
+    print(common.markdown_table(header, rows, right=set(range(1, len(header)))))
     common.write_json({"args": vars(args), "machine": machine, "results": results}, args.out)
 
 

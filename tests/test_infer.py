@@ -518,6 +518,24 @@ def test_int8_scorer_agrees_with_fp32(tmp_path, trained_dir):
         run([*argv, "--quantize", "int8", "--dtype", "bf16", "--output", str(tmp_path / "bf16.jsonl")])
 
 
+def test_int8_keeps_the_down_projection_and_head_in_fp32(trained_dir):
+    """Every linear layer but the MLP's down projection and the head becomes a dynamic int8 layer (per channel)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from arxiv_ft.classifier import Classifier
+    from arxiv_ft.modeling import INT8_KEEP_FP32, quantize_int8
+
+    model = quantize_int8(Classifier.from_pretrained(trained_dir, "cpu", "fp32").model, "cpu", torch.float32)
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, DynamicLinear)):
+            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(type(module))
+    assert {"q_proj", "gate_proj", "down_proj", "lm_head"} <= set(kinds)
+    for kind, types in kinds.items():
+        assert types == ({torch.nn.Linear} if kind in INT8_KEEP_FP32 else {DynamicLinear}), kind
+    assert model.model.layers[0].self_attn.q_proj.weight().qscheme() == torch.per_channel_affine
+
+
 def test_calibrate_fits_on_validation_and_infer_applies_it(tmp_path, trained_dir):
     from arxiv_ft import calibration
 

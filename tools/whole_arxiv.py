@@ -164,6 +164,33 @@ def int8_figures(fp32: list[dict], int8: list[dict], fp32_summary: dict, int8_su
     }
 
 
+def tfidf_figures(run: Path, slice_input: str, rows: list[dict], labels: list[str]) -> dict:
+    """The tuned TF-IDF baseline (word + char n-grams, C by cross-validation) fitted on the run's own training papers,
+    reading the LLM's text and the full abstract, scored on the slice's in-set papers; the model minus each, paired
+    over those papers with a 95% bootstrap interval."""
+    from types import SimpleNamespace
+
+    from arxiv_ft import baseline
+    from arxiv_ft.records import parse_record
+    from arxiv_ft.sources import load_papers, to_records
+    from arxiv_ft.stats import bootstrap_mean
+
+    _, train, _ = load_papers(SimpleNamespace(**json.loads((run / "train_config.json").read_text())))
+    papers = {p["id"]: parse_record(p) for p in read_jsonl(slice_input)}
+    inside = [r for r in rows if r["true_in_label_set"]]
+    records = [papers[r["id"]] for r in inside]
+    model = [int(r["top_k"][0][0] == r["true"]) for r in inside]
+    out = {"n_train": len(train), "model_accuracy": sum(model) / len(model)}
+    for row in ("tuned_llm_text", "tuned_full_text"):
+        which, args = baseline.TFIDF_ROWS[row]
+        text = baseline.llm_text(run) if which == "llm" else baseline.paper_text
+        m = baseline.fit_and_score(to_records(train), records, labels, text, **args)
+        diff = bootstrap_mean([a - b for a, b in zip(model, m["correct"])])
+        out[row] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "c": m["c"]}
+        out[row]["model_minus_tfidf"] = {"value": diff["value"], "ci95": list(diff["ci95"])}
+    return out
+
+
 def plot(result: dict, out: Path) -> None:
     import matplotlib
 
@@ -201,6 +228,8 @@ def analyse(args) -> None:
             "calibration": calibration_figures(rows, labels, temperature),
         },
     }
+    if args.tfidf:
+        result["slice"]["tfidf"] = tfidf_figures(run, args.tfidf, rows, labels)
     if args.test:
         result["test_calibration"] = calibration_figures(read_jsonl(args.test), labels, temperature)
     if args.int8:
@@ -215,6 +244,7 @@ def analyse(args) -> None:
     print(json.dumps({k: s[k] for k in ("input", "scored", "rejected", "papers_per_second")}))
     print(json.dumps(s["ood"]["auroc"]), json.dumps(s["calibration"]))
     print(json.dumps({k: v for k, v in s["mix"].items() if k != "recall"}))
+    print(json.dumps(s.get("tfidf")))
 
 
 def main() -> None:
@@ -230,6 +260,7 @@ def main() -> None:
     p.add_argument("--slice", required=True)
     p.add_argument("--int8", default="")
     p.add_argument("--test", default="")
+    p.add_argument("--tfidf", default="", help="the slice's input papers: fit and score the tuned TF-IDF baseline")
     p.add_argument("--out", required=True)
     args = parser.parse_args()
     make_slice(args) if args.command == "slice" else analyse(args)

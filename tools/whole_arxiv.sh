@@ -26,4 +26,4 @@ score fp32.jsonl "$W/slice.jsonl"
 score int8.jsonl "$W/slice.jsonl" --quantize int8
 score test.jsonl arxiv_ft/assets/cs-test-sample.jsonl
 "$PY" tools/whole_arxiv.py analyse --run "$RUN" --slice "$W/fp32.jsonl" --int8 "$W/int8.jsonl" \
-  --test "$W/test.jsonl" --out docs/results/whole-arxiv
+  --test "$W/test.jsonl" --tfidf "$W/slice.jsonl" --out docs/results/whole-arxiv

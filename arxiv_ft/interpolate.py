@@ -17,6 +17,7 @@ run (groups are named `wise_alpha=0.5`). A finished α is skipped when the comma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -127,8 +128,12 @@ def score_alpha(cfg, run, alpha: float, path: Path) -> None:
 
     started = time.perf_counter()
     trained = config_from_dict(TrainConfig, run.config())
+    ledger = json.loads((run.path / "ledger.json").read_text())
     _, _, evals = load_papers(trained)
-    test = load_test(trained, run.labels())
+    # The test file the run itself scored (its ledger names it resolved): `--test-file auto` resolves by the shipped
+    # sample's path, which a run scored from another checkout or a moved folder would no longer match.
+    test_file = (ledger.get("data") or {}).get("test_file") or trained.test_path
+    test = load_test(dataclasses.replace(trained, test_file=test_file), run.labels()) if test_file else []
     model, reference = interpolated_model(run, alpha)
     tokenizer = run.load_tokenizer()
     classifier = Classifier(model, tokenizer, PromptBuilder.from_spec(tokenizer, run.prompt(), run.labels()))
@@ -155,11 +160,12 @@ def score_alpha(cfg, run, alpha: float, path: Path) -> None:
         delta = forgetting_delta(base, tuned)
         logger.info("alpha %.2f forgetting: %s", alpha, describe_forgetting(delta))
         forgetting = {"base": base, "tuned": tuned, "delta": delta}
-    ledger = json.loads((run.path / "ledger.json").read_text())
     ledger["run_id"] = f"{ledger['run_id']}@alpha{alpha:.2f}"
     ledger["config"] = {**ledger["config"], "wise_alpha": alpha}
     ledger["task"] = {**ledger["task"], "after": scored.get("validation")}
-    if ledger.get("test") is not None and "test" in scored:
+    if ledger.get("test") is not None:  # never the run's own test score under an alpha's name
+        if "test" not in scored:
+            raise SystemExit(f"{run.path}: the run was scored on test papers ({test_file!r}) that alpha could not read")
         ledger["test"] = {**ledger["test"], "after": scored["test"]}
     ledger["forgetting"] = forgetting
     ledger["created"] = now()

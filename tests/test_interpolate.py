@@ -91,3 +91,37 @@ def test_the_command_writes_a_ledger_per_alpha_that_the_report_reads(runs, tmp_p
     labels = {g["label"] for g in summary["groups"]}
     assert any("wise_alpha=0.5" in label for label in labels), labels
     json.dumps(summary)  # the report's summary is plain JSON
+
+
+def test_each_alpha_scores_the_test_papers_the_run_scored_even_from_another_checkout(runs, tmp_path):
+    """A run made in another checkout: its `--test-file auto` no longer resolves here (its validation file is not this
+    checkout's shipped sample). Each alpha reads the test file the run's ledger names and scores it itself; where it
+    cannot, the command fails instead of writing the run's own test score under the alpha's name."""
+    import shutil
+
+    from arxiv_ft import cli
+    from arxiv_ft.ledger import Ledger
+
+    folder, other = tmp_path / "moved", tmp_path / "other-checkout"
+    shutil.copytree(runs["lora"], folder, ignore=shutil.ignore_patterns("interpolation"))
+    other.mkdir()
+    shutil.copy(ASSETS / "cs-validation-sample.jsonl", other)
+    five = [line for line in (ASSETS / "cs-test-sample.jsonl").read_text().splitlines() if line.strip()][:5]
+    (other / "cs-test-sample.jsonl").write_text("\n".join(five) + "\n")
+
+    def rewrite(test_file: str) -> None:
+        config = json.loads((folder / "train_config.json").read_text())
+        assert config["test_file"] == "auto"
+        config["eval_file"] = str(other / "cs-validation-sample.jsonl")
+        (folder / "train_config.json").write_text(json.dumps(config))
+        ledger = json.loads((folder / "ledger.json").read_text())
+        ledger["config"]["eval_file"], ledger["data"]["test_file"] = config["eval_file"], test_file
+        (folder / "ledger.json").write_text(json.dumps(ledger))
+
+    rewrite(str(other / "cs-test-sample.jsonl"))
+    cli.main(["interpolate", str(folder), "--alphas", "0.5", "--no-probes"])
+    got = Ledger.read(folder / "interpolation" / "alpha-0.50" / "ledger.json").test["after"]
+    assert got["ids"] and set(got["ids"]) <= {json.loads(line)["id"] for line in five}  # read from that file
+    rewrite("")  # no test file named, and `auto` finds none: refused
+    with pytest.raises(SystemExit, match="test papers"):
+        cli.main(["interpolate", str(folder), "--alphas", "0.25", "--no-probes"])

@@ -82,3 +82,27 @@ def test_the_check_catches_a_ledger_selected_on_test(test_ids):
     ledger["data"]["eval_file"] = "arxiv_ft/assets/cs-test-sample.jsonl"
     ledger["task"]["after"]["ids"] = sorted(test_ids)[:3]
     assert len(_selection_problems(ledger, test_ids)) == 2
+
+
+def test_every_category_splits_are_disjoint_and_outside_papers_are_outside():
+    """data/all-arxiv: test, validation, training and the out-of-set papers share no paper; every out-of-set paper's
+    primary is one of the categories named as left out, none of the labels; every test paper of a label is newer than
+    each of its training papers."""
+    folder = ROOT / "data" / "all-arxiv"
+    splits = {
+        name: list(read_records(folder / f"{name}.jsonl.gz")) for name in ("train", "validation", "test", "outside")
+    }
+    ids = {name: {r.id for r in records} for name, records in splits.items()}
+    names = list(ids)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not ids[a] & ids[b], (a, b)
+    labels = set((folder / "labels.txt").read_text().split())
+    others = {line.split("\t")[0] for line in (folder / "other-categories.txt").read_text().splitlines()}
+    assert len(splits["outside"]) == 300 and {r.primary for r in splits["outside"]} <= others
+    assert not others & labels
+    assert {r.primary for name in ("train", "validation", "test") for r in splits[name]} == labels
+    oldest_test = {}
+    for r in splits["test"]:
+        oldest_test[r.primary] = min(oldest_test.get(r.primary, r.update_date), r.update_date)
+    assert all(r.update_date <= oldest_test[r.primary] for r in splits["train"])

@@ -6,8 +6,9 @@ Labels: every primary category with at least --min-papers papers in the dump (th
 `other-categories.txt` with their counts: a paper of theirs is outside the label set, and infer flags it). Per label,
 as for the cs task: the newest --test papers are the test split, the next newest --validation the validation split
 (both later than every training paper of their label), and up to --train of the older papers, drawn by hashed id, the
-training split. Written as gzipped JSONL in the snapshot's field names; `arxiv-ft train --config
-presets/all-arxiv.yaml` reads them.
+training split. `outside.jsonl.gz` holds --outside papers of the other categories (drawn by hashed id): papers the
+label set cannot name, to measure how well the model flags them. Written as gzipped JSONL in the snapshot's field
+names; `arxiv-ft train --config presets/all-arxiv.yaml` reads them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=30)
     parser.add_argument("--validation", type=int, default=10)
     parser.add_argument("--test", type=int, default=10)
+    parser.add_argument("--outside", type=int, default=300, help="papers of the other categories (out of the set)")
     args = parser.parse_args()
 
     by_label: dict[str, list[dict]] = defaultdict(list)
@@ -64,12 +66,14 @@ def main() -> None:
         splits["validation"] += newest[: args.validation]
         older = sorted(papers[: len(papers) - args.test - args.validation], key=lambda p: bucket(p["id"]))
         splits["train"] += older[: args.train]
+    others = sorted((label for label in counts if label not in labels), key=lambda x: (-counts[x], x))
+    outside = sorted((p for label in others for p in by_label[label]), key=lambda p: bucket(p["id"]))
+    splits["outside"] = outside[: args.outside]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, papers in splits.items():
         write(out / f"{name}.jsonl.gz", sorted(papers, key=lambda p: bucket(p["id"])))
     (out / "labels.txt").write_text("".join(label + "\n" for label in labels))
-    others = sorted((label for label in counts if label not in labels), key=lambda x: (-counts[x], x))
     (out / "other-categories.txt").write_text("".join(f"{label}\t{counts[label]}\n" for label in others))
     n_other = sum(counts[label] for label in others)
     print(

@@ -151,7 +151,11 @@ def int8_figures(fp32: list[dict], int8: list[dict], fp32_summary: dict, int8_su
     inside = [(a, b) for a, b in zip(fp32, int8) if a["true_in_label_set"]]
     pairs = [({lab: q for lab, q in a["top_k"]}, {lab: q for lab, q in b["top_k"]}) for a, b in zip(fp32, int8)]
     speed = [s["this_run"]["papers_per_second"] for s in (fp32_summary, int8_summary)]
+    from arxiv_ft.stats import bootstrap_mean
+
+    diff = bootstrap_mean([(b["top_k"][0][0] == b["true"]) - (a["top_k"][0][0] == a["true"]) for a, b in inside])
     return {
+        "accuracy_int8_minus_fp32": {"value": diff["value"], "ci95": list(diff["ci95"])},
         "n": len(fp32),
         "n_in_set": len(inside),
         "accuracy_fp32": sum(a["top_k"][0][0] == a["true"] for a, _ in inside) / len(inside),
@@ -191,7 +195,7 @@ def tfidf_figures(run: Path, slice_input: str, rows: list[dict], labels: list[st
     return out
 
 
-def plot(result: dict, out: Path) -> None:
+def plot(result: dict, out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +206,7 @@ def plot(result: dict, out: Path) -> None:
         ax.plot([p["coverage"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", ms=3, label=name)
     ax.set_xlabel("coverage (fraction of the slice's papers answered)")
     ax.set_ylabel("accuracy of the answered papers, %\n(a paper outside the label set counts as wrong)")
-    ax.set_title("Risk-coverage on a date-ordered dump slice", fontsize=10)
+    ax.set_title(f"Risk-coverage: {title}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(title="abstain below")
     fig.tight_layout()
@@ -238,7 +242,7 @@ def analyse(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out)
+    plot(result, out, args.title)
     print(json.dumps({k: v for k, v in result.items() if k != "slice"}, indent=1))
     s = result["slice"]
     print(json.dumps({k: s[k] for k in ("input", "scored", "rejected", "papers_per_second")}))
@@ -262,6 +266,7 @@ def main() -> None:
     p.add_argument("--test", default="")
     p.add_argument("--tfidf", default="", help="the slice's input papers: fit and score the tuned TF-IDF baseline")
     p.add_argument("--out", required=True)
+    p.add_argument("--title", default="a date-ordered dump slice", help="what the scored papers are (the plot's title)")
     args = parser.parse_args()
     make_slice(args) if args.command == "slice" else analyse(args)
 

@@ -118,8 +118,6 @@ def measure(clf: Classifier, records, args, methods, deadline: common.Deadline |
     from arxiv_ft.metrics import peak_flops, peak_memory_bytes
 
     device, bs = clf.model.device, args.batch_size
-    if device.type != "cpu" or clf.model.dtype != torch.float32:
-        methods = [m for m in methods if m != "score_int8"]  # a CPU path for fp32 weights
     runs = {
         "score": lambda c, rs: [p["label"] if p else None for p in c.predict(rs, top_k=1, batch_size=bs)],
         "generate": lambda c, rs: [g[1] if g else None for g in c.generate(rs, bs, args.max_new_tokens)],
@@ -130,6 +128,9 @@ def measure(clf: Classifier, records, args, methods, deadline: common.Deadline |
     for method in methods:
         if deadline is not None and deadline.left() < 5:
             results[method] = {"status": f"skipped: time budget spent ({deadline.left():.0f} s left)"}
+            continue
+        if method == "score_int8" and (torch.device(device).type != "cpu" or clf.model.dtype != torch.float32):
+            results[method] = {"status": "skipped: int8 is a CPU path for fp32 weights"}
             continue
         run, c = runs[method], variant(clf, method)
         with torch.no_grad():

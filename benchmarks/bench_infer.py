@@ -147,7 +147,6 @@ def measure(clf: Classifier, records, args, methods, deadline: common.Deadline |
         answers[method] = predicted
         if "score" in answers:
             results[method].update(paired_difference(records, predicted, answers["score"]))
-        del c
         print(f"{method}: {seconds:.2f} s, {len(records) / seconds:.2f} papers/s", file=sys.stderr, flush=True)
     if results.get("score", {}).get("status") == "ok":
         prompt_lengths = [len(p) for p in clf.prompts(records) if p is not None]

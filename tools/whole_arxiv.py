@@ -172,14 +172,15 @@ def tfidf_figures(run: Path, slice_input: str, rows: list[dict], labels: list[st
     """The tuned TF-IDF baseline (word + char n-grams, C by cross-validation) fitted on the run's own training papers,
     reading the LLM's text and the full abstract, scored on the slice's in-set papers; the model minus each, paired
     over those papers with a 95% bootstrap interval."""
-    from types import SimpleNamespace
-
     from arxiv_ft import baseline
+    from arxiv_ft.config import config_from_dict
+    from arxiv_ft.options import TrainConfig
     from arxiv_ft.records import parse_record
+    from arxiv_ft.rundir import RunDir
     from arxiv_ft.sources import load_papers, to_records
     from arxiv_ft.stats import bootstrap_mean
 
-    _, train, _ = load_papers(SimpleNamespace(**json.loads((run / "train_config.json").read_text())))
+    _, train, _ = load_papers(config_from_dict(TrainConfig, RunDir(run).config()))
     papers = {p["id"]: parse_record(p) for p in read_jsonl(slice_input)}
     inside = [r for r in rows if r["true_in_label_set"]]
     records = [papers[r["id"]] for r in inside]

@@ -151,3 +151,22 @@ def test_every_arxiv_category_is_scored_in_one_trie_forward(tokenizer):
     want = naive_scores(model, targets_only, prompts[1])  # over the 137-label prompt
     got = torch.stack([scores[1, every.index(x)] for x in sample])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_two_level_prompt_groups_labels_by_archive_and_scores_the_same_answers(tokenizer):
+    """`arxiv-v2-two-level` lists every label once, one line per archive, and asks for the archive first; the answer
+    is still the category id, so its label targets are arxiv-v1's and the trie scores equal per-label forwards."""
+    labels = ["astro-ph.GA", "cs.AI", "astro-ph.CO", "hep-ph", "cs.LG", "math.AG"]
+    flat, grouped = get_template("arxiv-v1"), get_template("arxiv-v2-two-level")
+    system = grouped.messages("T", "A", labels)[0]["content"]
+    lines = system.split("\n")[1:]
+    assert lines == ["astro-ph: astro-ph.GA, astro-ph.CO", "cs: cs.AI, cs.LG", "hep-ph: hep-ph", "math: math.AG"]
+    assert flat.messages("T", "A", labels)[0]["content"].endswith(", ".join(labels) + ".")
+    two, one = (PromptBuilder(tokenizer, t, labels, max_seq_tokens=300) for t in (grouped, flat))
+    assert two.label_targets == one.label_targets
+    record = Record("x", "Galaxy rotation curves", "We measure dark matter in galaxies.", ("astro-ph.GA",))
+    assert two.prompt_ids(record) != one.prompt_ids(record)
+    model = make_tiny_llama(tokenizer, seed=4)
+    prompt = two.prompt_ids(record)
+    scores = LabelScorer(model, two, tokenizer.pad_token_id).score_prompts([prompt])
+    torch.testing.assert_close(scores[0], naive_scores(model, two, prompt), rtol=1e-4, atol=1e-4)

@@ -78,3 +78,27 @@ def test_time_guard_skips_instead_of_starting(tmp_path):
     clf = SimpleNamespace(model=SimpleNamespace(device="cpu"))  # never used: nothing may start
     skipped = bench_infer.measure(clf, [], args, ("score", "loop"), spent)
     assert all(r["status"].startswith("skipped: time budget") for r in skipped.values()) and len(skipped) == 2
+
+
+def test_smoothquant_migration_keeps_the_fp32_function_and_tames_the_outlier_channel(tokenizer):
+    """int8_variants' SmoothQuant step only moves scale between the up and down projections: the fp32 model's logits
+    are unchanged, and an outlier channel of the down projection's input shrinks relative to the others."""
+    import torch
+    from int8_variants import smooth_down_proj
+
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tokenizer, seed=5).eval()
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.up_proj.weight[3] *= 50.0  # one outlier channel in the SwiGLU product
+    seen = {}
+    mlp.down_proj.register_forward_pre_hook(lambda _, a: seen.__setitem__("x", a[0].abs().amax((0, 1))))
+    ids = tokenizer("Sparse attention for long documents.")["input_ids"]
+    with torch.no_grad():
+        before = model(torch.tensor([ids])).logits
+        ratio_before = float(seen["x"][3] / seen["x"].median())
+        smooth_down_proj(model, [ids], alpha=0.8)
+        after = model(torch.tensor([ids])).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert float(seen["x"][3] / seen["x"].median()) < ratio_before / 3

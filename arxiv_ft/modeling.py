@@ -586,8 +586,6 @@ def quantize_int8(model, device, dtype):
     keeping them agreed on 91% (no accuracy change) for 1.4x instead of 1.7x (benchmarks/RESULTS.md).
     Adapters are merged into their base first, so the quantised model is one plain model; a 4-bit QLoRA base is
     refused (merge it with `arxiv-ft merge` first)."""
-    import warnings
-
     import torch
 
     if torch.device(device).type != "cpu" or dtype != torch.float32:
@@ -596,10 +594,21 @@ def quantize_int8(model, device, dtype):
         raise SystemExit("--quantize int8: the model is already quantised (QLoRA): `arxiv-ft merge` it first")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    return quantize_linear_int8(model)
+
+
+def quantize_linear_int8(model, keep: tuple[str, ...] = INT8_KEEP_FP32, per_channel: bool = True):
+    """torch.ao dynamic int8 of every nn.Linear whose last name is not in `keep` (weights per output channel, or one
+    scale per tensor); benchmarks/int8_variants.py calls it with other `keep`s to measure each layer choice."""
+    import warnings
+
+    import torch
+
     with warnings.catch_warnings():  # torch.ao's dynamic quantisation warns that it will move to torchao
         warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
+        qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        spec = {n: per_channel_dynamic_qconfig for n in linear if n.rsplit(".", 1)[-1] not in INT8_KEEP_FP32}
+        spec = {n: qconfig for n in linear if n.rsplit(".", 1)[-1] not in keep}
         return quantize_dynamic(model.eval(), spec, dtype=torch.qint8)

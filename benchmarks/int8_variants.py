@@ -17,7 +17,6 @@ import argparse
 import copy
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,27 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from arxiv_ft.classifier import Classifier  # noqa: E402
+from arxiv_ft.modeling import quantize_linear_int8 as quantize  # noqa: E402
 from arxiv_ft.records import read_records  # noqa: E402
 
 ASSETS = ROOT / "arxiv_ft" / "assets"
 
 
-def quantize(model, keep: tuple[str, ...], per_channel: bool = True):
-    """torch.ao dynamic int8 of every nn.Linear whose last name is not in `keep`."""
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
-    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    spec = {n: qconfig for n in linear if n.rsplit(".", 1)[-1] not in keep}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model.eval(), spec, dtype=torch.qint8)
-
-
 @torch.no_grad()
 def smooth_down_proj(model, prompts: list[list[int]], alpha: float):
     """SmoothQuant's migration for every Llama MLP (see the module docstring); returns the model, changed in place."""
-    amax, hooks = {}, []
+    amax = {}
     mlps = {n: m for n, m in model.named_modules() if hasattr(m, "down_proj") and hasattr(m, "up_proj")}
 
     def record(name):

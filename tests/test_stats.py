@@ -77,3 +77,55 @@ def test_forgetting_of_an_unchanged_model_is_zero_with_a_zero_interval(tokenizer
     other = fg.run_probes(make_tiny_llama(tokenizer, seed=1), tokenizer, cfg)
     moved = fg.forgetting_delta(base, other)["ci95"]["ppl_change_pct"]
     assert moved[0] < moved[1]  # another model: a real interval around its change
+
+
+def _curve_ledger(base: dict, per_class: int, seed: int, llm: list[int], tfidf: list[int], ids: list[str]) -> dict:
+    import copy
+
+    ledger = copy.deepcopy(base)
+    ledger["seed"], ledger["config"]["train_per_class"] = seed, per_class
+    for entry in ("after", "tfidf_tuned", "tfidf_tuned_full_text", "tfidf", "tfidf_full_text"):
+        correct = llm if entry == "after" else tfidf
+        ledger["test"][entry] = {"accuracy": float(np.mean(correct)), "macro_f1": 0.0, "n": len(ids)}
+        ledger["test"][entry] |= {"ids": list(ids), "correct": list(correct)}
+    return ledger
+
+
+def test_learning_curves_pair_the_llm_and_tfidf_by_paper_and_count_seeds(tmp_path):
+    """tools/learning_curves.py: each size's LLM-minus-TF-IDF difference is taken paper by paper (ids matched, not
+    positions), a size with one seed is never called a difference, and Holm covers every comparison of the curves."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    import learning_curves
+
+    base = json.loads((root / "docs/results/test-split/ledgers/lora-seed10.json").read_text())
+    ids = [f"p{i}" for i in range(200)]
+    rng = np.random.default_rng(0)
+    half, quarter = [int(i < 100) for i in range(200)], [int(i < 50) for i in range(200)]
+    # (papers a class, seed, the LLM's outcomes, TF-IDF's): at 30 a class both are right on the same papers.
+    runs = [(30, 10, half, half), (30, 11, half, half), (100, 10, [1] * 200, quarter), (100, 11, [1] * 200, quarter)]
+    paths = []
+    for per_class, seed, llm, tfidf in runs + [(10, 10, [1] * 200, [0] * 200)]:
+        order = rng.permutation(200)  # each ledger lists the papers in its own order
+        ledger = _curve_ledger(base, per_class, seed, [llm[i] for i in order], [tfidf[i] for i in order],
+                               [ids[i] for i in order])  # fmt: skip
+        paths.append(tmp_path / f"n{per_class}-s{seed}.json")
+        paths[-1].write_text(json.dumps(ledger))
+
+    rows = learning_curves.collect(paths)
+    comparisons = learning_curves.compare(rows, samples=500)
+    by = {(c["per_class"], c["b"].split(",")[1].strip()): c for c in comparisons}
+    # Paired by id, identical outcomes differ by exactly 0 in every resample; pairing by list position would not.
+    same = by[(30, "the text the LLM reads")]
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and not same["significant"]
+    better = by[(100, "the text the LLM reads")]
+    assert better["difference"] == pytest.approx(0.75) and better["seeds"] == [2, 2] and better["significant"]
+    one_seed = by[(10, "the text the LLM reads")]
+    assert one_seed["difference"] == pytest.approx(1.0) and not one_seed["seeds_counted"]
+    assert not one_seed["significant"]
+    assert len(comparisons) == 6 and all(c["p_holm"] >= c["p_value"] for c in comparisons)
+    assert all(r["eval_file"].endswith("cs-validation-sample.jsonl") for r in rows)

@@ -229,6 +229,21 @@ def plot(rows: list[dict], whole: dict | None, out: Path) -> None:
     fig.savefig(out / "accuracy_vs_tokens.png", dpi=120)
     plt.close(fig)
 
+    # Where the default run sits on an accuracy-vs-CPU-minutes curve; TF-IDF fits in seconds, so it is a line a size.
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter([r["llm_train_seconds"] / 60 for r in rows], [100 * r["test"]["llm"]["accuracy"] for r in rows],
+               label=NAMES["llm"])  # fmt: skip
+    for (n, acc, _), style in zip(_series(rows, "tfidf_tuned_full_text"), ("--", "-.", ":")):
+        ax.axhline(100 * acc, color="grey", linestyle=style, label=f"{NAMES['tfidf_tuned_full_text']}, {n} a class")
+    ax.set_xscale("log")
+    ax.set_xlabel("LLM training minutes on one CPU core (ledger cost.train_seconds)")
+    ax.set_ylabel("test accuracy (%), 630 papers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_cpu_minutes.png", dpi=120)
+    plt.close(fig)
+
 
 def tfidf_tokens(rows: list[dict]) -> None:
     """TF-IDF's training tokens: one pass over the full text of the run's training papers (the LLM's tokenizer)."""

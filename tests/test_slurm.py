@@ -275,7 +275,7 @@ def test_sweep_submits_runs_and_a_report_after_them(cluster, tiny_model_dir, tmp
         **cluster.env,
         "SWEEP_DIR": str(sweep),
         "METHODS": "lora full",
-        "SEEDS": "0 1",
+        "SEEDS": "0",
         "BASELINE": "1",
         "BASELINE_ARGS": "--train-per-class 4 --eval-per-class 1",
         "SBATCH_ARGS": " ".join(LIMITS),
@@ -285,7 +285,7 @@ def test_sweep_submits_runs_and_a_report_after_them(cluster, tiny_model_dir, tmp
     res = subprocess.run(["slurm/sweep.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     runs = dict(re.findall(r"^(\S+): job (\d+)$", res.stdout, re.M))
-    assert set(runs) == {"lora-seed0", "lora-seed1", "full-seed0", "full-seed1", "tfidf-svm-seed0", "tfidf-svm-seed1"}
+    assert set(runs) == {"lora-seed0", "full-seed0", "tfidf-svm-seed0"}
     report_job = re.search(r"^report: job (\d+) \(after jobs ([\d:]+)\)", res.stdout, re.M)
     assert report_job and set(report_job.group(2).split(":")) == set(runs.values())
 
@@ -294,11 +294,11 @@ def test_sweep_submits_runs_and_a_report_after_them(cluster, tiny_model_dir, tmp
     assert info["JobState"] == "COMPLETED", logs
     for run, job in runs.items():
         assert cluster.job(job)["JobState"] == "COMPLETED", (run, logs)
-    for run in ("lora-seed0", "lora-seed1", "full-seed0", "full-seed1"):
+    for run in ("lora-seed0", "full-seed0"):
         assert json.loads((sweep / run / "metrics.json").read_text())["train"]["steps"] == 2
     assert (sweep / "report" / "report.md").is_file()
     summary = json.loads((sweep / "report" / "summary.json").read_text())
-    assert len(summary["runs"]) >= 2  # the TF-IDF ledgers at least; train.py runs too once they write ledgers
+    assert len(summary["runs"]) >= 1  # the TF-IDF ledger at least; train.py runs too once they write ledgers
 
 
 def test_a_sweep_spec_runs_as_one_array_job_with_the_local_sweeps_folders(cluster, tiny_model_dir, tmp_path):

@@ -267,13 +267,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ledgers", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "learning-curves")
     p.add_argument("--no-whole-split", action="store_true", help="skip TF-IDF on the whole split (needs data/)")
+    p.add_argument("--whole-split-from", type=Path, help="reuse the whole-split TF-IDF of an earlier curves.json")
     args = ap.parse_args(argv)
     if args.command == "commands":
         print("\n".join(commands(args.out)))
         return
     rows = collect(args.ledgers)
     comparisons = compare(rows)
-    whole = None if args.no_whole_split else tfidf_whole_split(ROOT / "arxiv_ft" / "assets" / "cs-test-sample.jsonl")
+    if args.whole_split_from:  # minutes and GBs to refit: the earlier curves' fit, same split and test papers
+        whole = json.loads(args.whole_split_from.read_text())["tfidf_whole_split"]
+    elif args.no_whole_split:
+        whole = None
+    else:
+        whole = tfidf_whole_split(ROOT / "arxiv_ft" / "assets" / "cs-test-sample.jsonl")
     tfidf_tokens(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(rows, whole, args.out)

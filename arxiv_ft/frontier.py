@@ -1,12 +1,12 @@
 """Frontiers: task accuracy against forgetting, one curve per method, from the report's run rows.
 
-A point is a method at one learning rate and one WiSE-FT α (arxiv_ft/interpolate.py), averaged over its seeds:
-accuracy on the report's papers, and each forgetting measure with an interval (one seed: its paired bootstrap interval;
-several: the envelope of their intervals). A point is on the Pareto front when no other point is at least as accurate
-and forgets no more, one of them strictly. "At matched accuracy" reads each method's own front, interpolated linearly
-between the two points around the accuracy asked for (none outside its range): the least forgetting that method
-reached at that accuracy, with the interval bounds interpolated alike, and what training it cost (the run at the upper
-point: WiSE-FT points share their run's training).
+A point is a method (with its objective, where that is not the default) at one learning rate and one WiSE-FT α
+(arxiv_ft/interpolate.py), averaged over its seeds: accuracy on the report's papers, and each forgetting measure with
+an interval (one seed: its paired bootstrap interval; several: the envelope of their intervals). A point is on the
+Pareto front when no other point is at least as accurate and forgets no more, one of them strictly. "At matched
+accuracy" reads each method's own front, interpolated linearly between the two points around the accuracy asked for
+(none outside its range): the least forgetting that method reached at that accuracy, with the interval bounds
+interpolated alike, and what training it cost (the run at the upper point: WiSE-FT points share their run's training).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def points(rows: list[dict]) -> list[dict]:
         config = row.get("config") or {}
         if row.get("kl") is None and row.get("ppl_change_pct") is None or "lr" not in config:
             continue  # a baseline, or a run without probes
-        key = (row["method"], config["lr"], config.get("wise_alpha", 1.0))
+        key = (curve(row["method"], config), config["lr"], config.get("wise_alpha", 1.0))
         groups.setdefault(key, []).append(row)
     out = []
     for (method, lr, alpha), members in sorted(groups.items()):
@@ -48,6 +48,17 @@ def points(rows: list[dict]) -> list[dict]:
         point["label"] = f"lr {lr:g}" + (f", α {alpha:g}" if alpha != 1.0 else "")
         out.append(point)
     return out + shared_base(out)
+
+
+def curve(method: str, config: dict) -> str:
+    """The curve a run belongs to: its method, and its objective where that is not the default (a forgetting penalty
+    is a curve of its own, so that the report shows whether it moves the front)."""
+    objective = config.get("objective") or "answer-tokens"
+    if objective == "answer-tokens":
+        return method
+    if objective == "kl-regularised":
+        return f"{method} + KL β {config.get('kl_beta', 0.1):g}"
+    return f"{method} ({objective})"
 
 
 def shared_base(pts: list[dict]) -> list[dict]:

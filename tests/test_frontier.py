@@ -85,3 +85,17 @@ def test_the_base_starts_every_unquantised_methods_curve():
     full = sorted((p for p in pts if p["method"] == "full"), key=lambda p: p["accuracy"])
     assert [p["label"] for p in full] == ["base (α 0)", "lr 0.0002"] and full[0]["ppl_change_pct"] == 0.0
     assert [p["label"] for p in pts if p["method"] == "qlora"] == ["lr 0.002"]  # its base is the 4-bit copy
+
+
+def test_a_forgetting_penalty_is_a_curve_of_its_own():
+    """A kl-regularised run at the default's rate and seed is not averaged into the plain run's point: the report must
+    be able to show whether the penalty moves the front."""
+    rows = [row("lora", 2e-3, 0.05, 0.0, alpha=0.0), row("lora", 2e-3, 0.60, 50.0)]
+    penalised = row("lora", 2e-3, 0.58, 20.0)
+    penalised["config"] |= {"objective": "kl-regularised", "kl_beta": 0.5}
+    pts = frontier.points(rows + [penalised])
+    assert {p["method"] for p in pts} == {"lora", "lora + KL β 0.5"}
+    kl = sorted((p for p in pts if p["method"] == "lora + KL β 0.5"), key=lambda p: p["accuracy"])
+    assert [p["label"] for p in kl] == ["base (α 0)", "lr 0.002"] and kl[1]["ppl_change_pct"] == 20.0
+    plain = [p for p in pts if p["method"] == "lora" and p["alpha"] == 1.0]
+    assert len(plain) == 1 and plain[0]["ppl_change_pct"] == 50.0 and plain[0]["seeds"] == [0]

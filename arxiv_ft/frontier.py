@@ -166,9 +166,12 @@ def _verdict(target: float, found: dict, more_is_worse: bool) -> str:
         a, b = found[best]["ci"], found[m]["ci"]
         return bool(a and b) and (a[1] < b[0] if more_is_worse else a[0] > b[1])
 
-    if all(clear_of(m) for m in others):
+    overlap, clear = [m for m in others if not clear_of(m)], [m for m in others if clear_of(m)]
+    if not overlap:
         return f"{at}, {best} forgets least, and its interval is clear of {', '.join(others)}'s."
-    return f"{at}, {best} forgets least, but its interval overlaps {', '.join(others)}'s: no method dominates here."
+    also = f" (it is clear of {', '.join(clear)}'s)" if clear else ""
+    overlaps = f"but its interval overlaps {', '.join(overlap)}'s"
+    return f"{at}, {best} forgets least, {overlaps}: no method dominates here{also}."
 
 
 def targets(pts: list[dict], step: float = 0.05, most: int = 3) -> list[float]:

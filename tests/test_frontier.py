@@ -71,6 +71,17 @@ def test_overlapping_intervals_are_no_verdict():
     ]
 
 
+def test_the_verdict_names_only_the_methods_whose_intervals_overlap():
+    rows = [row("full", 1e-4, 0.4, 1.0, ci=1), row("full", 2e-4, 0.6, 3.0, ci=1)]
+    rows += [row("lora", 1e-3, 0.4, 1.5, ci=1), row("lora", 2e-3, 0.6, 3.5, ci=1)]  # overlaps full's
+    rows += [row("qlora", 1e-3, 0.4, 20.0, ci=1), row("qlora", 2e-3, 0.6, 30.0, ci=1)]  # clear of it
+    _, verdicts = frontier.matched_table(frontier.points(rows), [0.5])
+    assert verdicts == [
+        "At 50% accuracy, full forgets least, but its interval overlaps lora's: no method dominates here"
+        " (it is clear of qlora's)."
+    ]
+
+
 def test_the_plot_is_written(pts, tmp_path):
     import matplotlib
 

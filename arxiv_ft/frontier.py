@@ -53,11 +53,13 @@ def points(rows: list[dict]) -> list[dict]:
 def curve(method: str, config: dict) -> str:
     """The curve a run belongs to: its method, and its objective where that is not the default (a forgetting penalty
     is a curve of its own, so that the report shows whether it moves the front)."""
-    objective = config.get("objective") or "answer-tokens"
-    if objective == "answer-tokens":
+    from arxiv_ft.options import TrainConfig  # the defaults an older ledger did not record
+
+    objective = config.get("objective") or TrainConfig.objective
+    if objective == TrainConfig.objective:
         return method
     if objective == "kl-regularised":
-        return f"{method} + KL β {config.get('kl_beta', 0.1):g}"
+        return f"{method} + KL β {config.get('kl_beta', TrainConfig.kl_beta):g}"
     return f"{method} ({objective})"
 
 
@@ -166,7 +168,8 @@ def _verdict(target: float, found: dict, more_is_worse: bool) -> str:
         a, b = found[best]["ci"], found[m]["ci"]
         return bool(a and b) and (a[1] < b[0] if more_is_worse else a[0] > b[1])
 
-    overlap, clear = [m for m in others if not clear_of(m)], [m for m in others if clear_of(m)]
+    clear = [m for m in others if clear_of(m)]
+    overlap = [m for m in others if m not in clear]
     if not overlap:
         return f"{at}, {best} forgets least, and its interval is clear of {', '.join(others)}'s."
     also = f" (it is clear of {', '.join(clear)}'s)" if clear else ""

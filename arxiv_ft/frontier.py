@@ -52,14 +52,16 @@ def points(rows: list[dict]) -> list[dict]:
 
 def curve(method: str, config: dict) -> str:
     """The curve a run belongs to: its method, and its objective where that is not the default (a forgetting penalty
-    is a curve of its own, so that the report shows whether it moves the front)."""
+    is a curve of its own, so that the report shows whether it moves the front; a penalty on another text, another)."""
     from arxiv_ft.options import TrainConfig  # the defaults an older ledger did not record
 
     objective = config.get("objective") or TrainConfig.objective
     if objective == TrainConfig.objective:
         return method
     if objective == "kl-regularised":
-        return f"{method} + KL β {config.get('kl_beta', TrainConfig.kl_beta):g}"
+        text = Path(config.get("kl_text") or TrainConfig.kl_text).stem  # a checkout's path differs, the file does not
+        on = "" if text == Path(TrainConfig.kl_text).stem else f" on {text.removeprefix('general_text_')}"
+        return f"{method} + KL β {config.get('kl_beta', TrainConfig.kl_beta):g}{on}"
     return f"{method} ({objective})"
 
 

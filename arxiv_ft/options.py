@@ -218,7 +218,8 @@ class TrainConfig(DataOptions):
     kl_window_tokens: int = option(128, "kl-regularised: tokens per general-text window")
     kl_text: str = option(
         str(ASSETS / "general_text_boolq.txt"),
-        "kl-regularised: general text (default: 400 Wikipedia paragraphs, none of the probes' text)",
+        "kl-regularised: general text (default: 400 Wikipedia paragraphs, none of the probes' text; "
+        "assets/general_text_howto.txt holds WikiHow steps, a domain that no probe reads)",
     )
     epochs: float = option(2.0, "passes over the training data (fractions allowed)", aliases=("num_train_epochs",))
     max_steps: int = option(0, "optimizer steps; overrides epochs when > 0")

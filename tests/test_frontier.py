@@ -110,3 +110,13 @@ def test_a_forgetting_penalty_is_a_curve_of_its_own():
     assert [p["label"] for p in kl] == ["base (α 0)", "lr 0.002"] and kl[1]["ppl_change_pct"] == 20.0
     plain = [p for p in pts if p["method"] == "lora" and p["alpha"] == 1.0]
     assert len(plain) == 1 and plain[0]["ppl_change_pct"] == 50.0 and plain[0]["seeds"] == [0]
+
+
+def test_a_penalty_on_another_text_is_another_curve():
+    """The same β on the WikiHow text is not averaged with the Wikipedia one (the default, named by any checkout's
+    path): which text holds the model still is what the pair of curves compares."""
+    wiki, howto = row("lora", 2e-3, 0.60, 1.0), row("lora", 2e-3, 0.59, 9.0)
+    wiki["config"] |= {"objective": "kl-regularised", "kl_beta": 2.0, "kl_text": "/elsewhere/general_text_boolq.txt"}
+    howto["config"] |= {"objective": "kl-regularised", "kl_beta": 2.0, "kl_text": "assets/general_text_howto.txt"}
+    pts = frontier.points([wiki, howto])
+    assert {p["method"]: p["ppl_change_pct"] for p in pts} == {"lora + KL β 2": 1.0, "lora + KL β 2 on howto": 9.0}

@@ -98,3 +98,21 @@ def test_kl_regularised_trains_end_to_end_and_forgets_less_at_a_high_beta(tiny_m
         assert all(math.isfinite(x) for x in metrics["train"]["loss_curve"])
         kls[objective] = metrics["forgetting"]["delta"]["kl"]
     assert kls["kl-regularised"] < kls["answer-tokens"]
+
+
+@pytest.mark.parametrize("name", ["general_text_boolq.txt", "general_text_howto.txt"])
+def test_no_penalty_text_holds_a_probes_text(name):
+    """What the penalty holds still is not what the probes read: no passage of either shipped penalty text contains
+    a multiple-choice item's context or a WikiText-2 line, and the WikiHow one comes from no article a probe uses."""
+    from arxiv_ft.options import ASSETS
+
+    passages = (ASSETS / name).read_text(encoding="utf-8").split("\n\n")
+    assert len(passages) >= 400
+    text = "\n".join(passages)
+    items = [json.loads(line) for line in (ASSETS / "probe_mix_800.jsonl").open()]
+    contexts = [i["question"].split("Passage:", 1)[-1].split("\nQuestion:")[0].strip()[:120] for i in items]
+    assert not [c for c in contexts if len(c) > 40 and c in text]
+    wiki = [line.strip() for line in (ASSETS / "wikitext2_raw_test.txt").open() if len(line.strip()) > 200]
+    assert not [line for line in wiki[::50] if line[:150] in text]
+    titles = {i["question"].split(". ", 1)[0].split(": ", 1)[-1] for i in items if i["task"] == "hellaswag"}
+    assert not [t for t in titles if t.startswith("How to ") and f"{t}." in text]

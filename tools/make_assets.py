@@ -83,14 +83,12 @@ def write_howto_text(hellaswag: Path, probe_items: Path) -> int:
     def article(row) -> str:
         return row["question"].split(". ", 1)[0]
 
-    probed = {article(r) for r in howto if r["id"] in probe_ids}
-    seen: set[str] = set()
+    taken = {article(r) for r in howto if r["id"] in probe_ids}  # a probe's articles count as taken
     out: list[str] = []
     for row in howto:
-        if article(row) in probed or article(row) in seen:
-            continue
-        seen.add(article(row))
-        out.append(f"{row['question'].split(': ', 1)[-1]} {row['choices'][row['answer_index']]}".strip())
+        if article(row) not in taken:
+            taken.add(article(row))
+            out.append(f"{row['question'].split(': ', 1)[-1]} {row['choices'][row['answer_index']]}".strip())
     (ASSETS / "general_text_howto.txt").write_text("\n\n".join(out[:HOWTO_PASSAGES]) + "\n", encoding="utf-8")
     return min(len(out), HOWTO_PASSAGES)
 

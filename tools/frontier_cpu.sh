@@ -2,9 +2,9 @@
 # The frontier on 2 CPU cores (docs/results/frontiers/): the learning-rate sweep of sweeps/frontier-cpu.yaml (LoRA and
 # full fine-tuning, 3 rates x 2 seeds, the default recipe's papers and steps, the full forgetting probe), WiSE-FT
 # points of every finished run, and the report with the frontier and the matched-accuracy table.
-#   bash tools/frontier_cpu.sh            # ~7 hours on 2 cores, from its measured parts (not yet timed end to end):
-#     12 runs, two at a time on one core each (LoRA 41 min, full 47 min with scoring and the full probe): ~4.4 h;
-#     one WiSE-FT alpha a run (~23 min on one core, ~14 on two): ~2.8 h. ALPHAS=0.25,0.5,0.75 makes it ~13 h.
+#   bash tools/frontier_cpu.sh            # 7-9 hours on 2 cores, estimated from measured parts (not timed end to end):
+#     12 runs, two at a time on one core each (LoRA 30-41 min, full 40-47 min with scoring and the full probe): ~4.4 h;
+#     one WiSE-FT alpha a run, 23 min each on one core (run here with 2 threads, not timed): at most ~4.6 h.
 # Run again after an interruption: finished runs and finished alphas are skipped, interrupted runs resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
